@@ -1,0 +1,181 @@
+"""Checkpoints: a directory with ``config.json`` beside safetensors files. Never pickle.
+
+Atomicity: every save writes new, step-stamped files (``model-000500.safetensors``, ...)
+through temp-file-and-rename, then replaces ``config.json`` (which names the current files)
+the same way, and only then deletes the previous step's files. A crash at any point leaves
+``config.json`` naming a complete set: the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from guidekit import __version__
+from guidekit.errors import CheckpointError
+
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    directory: str | Path,
+    config: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]],
+    step: int,
+) -> Path:
+    """Save one checkpoint: ``tensors`` maps a file role ("model", "ema", "state", ...) to a
+    flat dict of tensors; ``config`` must hold ``kind``. Returns the directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    old = _read_config(d) if (d / CONFIG).exists() else None
+    files = {}
+    for role, flat in tensors.items():
+        name = f"{role}-{step:07d}.safetensors"
+        atomic_save_tensors(flat, d / name)
+        files[role] = name
+    full = {
+        **config,
+        "format": FORMAT_VERSION,
+        "guidekit_version": __version__,
+        "step": step,
+        "files": files,
+    }
+    atomic_write_bytes(d / CONFIG, json.dumps(full, indent=2, sort_keys=True).encode())
+    if old:
+        for name in old.get("files", {}).values():
+            if name not in files.values():
+                (d / name).unlink(missing_ok=True)
+    return d
+
+
+def _read_config(d: Path) -> dict[str, Any]:
+    try:
+        return json.loads((d / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {d / CONFIG}: {exc}") from None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory: its config and lazily loaded tensor files."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.config["kind"]
+
+    @property
+    def step(self) -> int:
+        return int(self.config.get("step", 0))
+
+    def has(self, role: str) -> bool:
+        return role in self.config.get("files", {})
+
+    def module_tensors(self, role: str, name: str) -> dict[str, torch.Tensor]:
+        """The state dict of trained module ``name`` within the ``role`` file."""
+        return strip_prefix(self.tensors(role), name)
+
+    def tensors(self, role: str) -> dict[str, torch.Tensor]:
+        name = self.config.get("files", {}).get(role)
+        if name is None:
+            raise CheckpointError(f"checkpoint {self.path} has no '{role}' weights")
+        try:
+            return load_file(self.path / name)
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot read {self.path / name} ({exc}); the checkpoint is damaged: "
+                "re-train or restore it"
+            ) from None
+
+
+def strip_prefix(flat: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix.``, with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p) :]: v for k, v in flat.items() if k.startswith(p)}
+
+
+def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None) -> Checkpoint:
+    """Open a checkpoint directory and check its kind.
+
+    Raises :class:`CheckpointError` with the fix when the path is missing, is not a guidekit
+    checkpoint, or is of another kind.
+    """
+    d = Path(path)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    what = f"a '{kinds[0]}' checkpoint" if kinds and len(kinds) == 1 else "a checkpoint"
+    if not d.exists():
+        hint = f" (train one with `guidekit train {kinds[0]} --out {d}`)" if kinds else ""
+        raise CheckpointError(f"no checkpoint at {d}{hint}")
+    if not d.is_dir() or not (d / CONFIG).exists():
+        raise CheckpointError(
+            f"{d} is not a guidekit checkpoint (no {CONFIG}); expected {what} directory"
+        )
+    cfg = _read_config(d)
+    if "kind" not in cfg or "files" not in cfg:
+        raise CheckpointError(f"{d / CONFIG} is not a guidekit checkpoint config")
+    if kinds and cfg["kind"] not in kinds:
+        raise CheckpointError(
+            f"{d} is a '{cfg['kind']}' checkpoint, but {what} is needed here"
+        )
+    return Checkpoint(d, cfg)
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict strictly, explaining the first mismatches in one line."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    extra = [k for k in tensors if k not in own]
+    wrong = [
+        f"'{k}' is {tuple(tensors[k].shape)} in the file but {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = wrong[:2] + [f"'{k}' is missing" for k in missing[:2]]
+    problems += [f"'{k}' is unexpected" for k in extra[:2]]
+    if problems:
+        raise CheckpointError(
+            f"weights in {source} do not match the model built from its config: "
+            + "; ".join(problems)
+            + " (was the checkpoint written by another architecture or version?)"
+        )
+    module.load_state_dict(tensors)

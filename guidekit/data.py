@@ -1,0 +1,460 @@
+"""Datasets (digits, procedural shapes, image folders), batching, and image writing.
+
+Every dataset is held in memory as an :class:`ImageData`: images in [-1, 1], channels-first
+float32. The built-in datasets need no download: ``digits`` ships inside scikit-learn and
+``shapes`` is rendered on the fly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from guidekit.errors import GuidekitError
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "COLOURS",
+    "IMAGE_EXTENSIONS",
+    "SHAPES",
+    "ImageData",
+    "iterate_batches",
+    "load_dataset",
+    "load_digits",
+    "load_image_folder",
+    "make_shapes",
+    "save_image_grid",
+    "save_images",
+]
+
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+DIGITS_TEST_SIZE = 297  # 1797 images in total: 1500 train / 297 test
+
+SHAPES = ("square", "circle", "triangle")
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+_COLOUR_RGB = np.array(
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.float32
+)
+SHAPES_DEFAULT_N = {"train": 4096, "test": 1024}
+# ``scale`` is half the side of the equal-area square (so area = (2 * scale)^2 for every
+# shape). The position range keeps even the largest triangle (apex 1.755 * scale above its
+# centre) inside the image, so factors are independent and the centroid equals (x, y).
+SHAPES_SCALE_RANGE = (0.08, 0.17)
+SHAPES_POS_RANGE = (0.3, 0.7)
+_CIRCLE_R = 2.0 / math.sqrt(math.pi)  # radius / scale for equal area
+_TRIANGLE_R = 2.0 / math.sqrt(3.0 * math.sqrt(3.0) / 4.0)  # circumradius / scale
+
+
+@dataclass
+class ImageData:
+    """An in-memory image dataset: images in [-1, 1], channels-first float32."""
+
+    name: str
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    labels: torch.Tensor | None  # (N,) int64 class labels, or None for unlabelled folders
+    num_classes: int  # 0 when unlabelled
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # each (N,)
+    factor_kinds: dict[str, str] = field(default_factory=dict)  # "categorical" | "continuous"
+
+    def __post_init__(self) -> None:
+        # Plugins build ImageData too, so catch malformed ones here rather than mid-training.
+        if self.images.ndim != 4:
+            raise GuidekitError(
+                f"dataset '{self.name}' has images of shape {tuple(self.images.shape)}; "
+                "build ImageData with images shaped (N, C, H, W)"
+            )
+        n = self.images.shape[0]
+        if self.labels is not None and tuple(self.labels.shape) != (n,):
+            raise GuidekitError(
+                f"dataset '{self.name}' has labels of shape {tuple(self.labels.shape)} for "
+                f"{n} images; give one label per image or labels=None"
+            )
+        for key, value in self.factors.items():
+            if tuple(value.shape) != (n,):
+                raise GuidekitError(
+                    f"dataset '{self.name}' factor '{key}' has shape {tuple(value.shape)} for "
+                    f"{n} images; give one value per image"
+                )
+
+    @property
+    def image_size(self) -> int:
+        """Image height (images are square)."""
+        return int(self.images.shape[2])
+
+    @property
+    def channels(self) -> int:
+        """Number of channels (1 or 3)."""
+        return int(self.images.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise GuidekitError(f"unknown split '{split}': use 'train' or 'test'")
+
+
+def _check_positive_int(value: object, what: str, minimum: int = 1) -> int:
+    # bool is an int subclass; True as an image size is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise GuidekitError(f"{what} must be an integer >= {minimum}, got {value!r}; fix it")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@functools.cache
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / 16.0  # values 0..16 -> [0, 1]
+    targets = np.asarray(bunch.target, dtype=np.int64)
+    images.flags.writeable = False  # cached: callers get fresh tensors, never this array
+    targets.flags.writeable = False
+    return images, targets
+
+
+def load_digits(split: str = "train", image_size: int = 16) -> ImageData:
+    """scikit-learn's 8x8 digits, upsampled bilinearly; 1500 train / 297 test, 10 classes."""
+    _check_split(split)
+    size = _check_positive_int(image_size, "digits image_size", minimum=8)
+    images, targets = _digits_raw()
+    # Fixed permutation, independent of any user seed, so the test split never changes.
+    order = np.random.default_rng(0).permutation(len(images))
+    n_train = len(images) - DIGITS_TEST_SIZE
+    idx = order[:n_train] if split == "train" else order[n_train:]
+    x = torch.from_numpy(images[idx].copy()).unsqueeze(1)  # (N, 1, 8, 8)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x * 2.0 - 1.0).clamp_(-1.0, 1.0).contiguous()
+    labels = torch.from_numpy(targets[idx].copy())
+    return ImageData(name="digits", images=x, labels=labels, num_classes=10)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _shapes_rng(seed: int, split: str) -> np.random.Generator:
+    # SeedSequence mixes (seed, split) so train and test are distinct, non-overlapping streams.
+    return np.random.default_rng([seed, SPLITS.index(split)])
+
+
+def _render_shapes(
+    shape: np.ndarray,
+    colour: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    scale: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """Render (N, 3, size, size) float32 images in [0, 1] on black, vectorised over images.
+
+    Edges are anti-aliased analytically: pixel coverage = clip(0.5 - signed distance in
+    pixels, 0, 1), which is smooth and far cheaper than supersampling.
+    """
+    n = len(shape)
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    coords = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in [0, 1]
+    # Bound the (chunk, size, size) temporaries to ~16 MB each, whatever the image size.
+    chunk = max(1, (1 << 22) // (size * size))
+    # Outward edge normals of an apex-up equilateral triangle (image y points down).
+    angles = np.deg2rad([90.0, 210.0, 330.0])
+    normals = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        dx = coords[None, None, :] - x[sl, None, None]  # (b, 1, S)
+        dy = coords[None, :, None] - y[sl, None, None]  # (b, S, 1)
+        s = scale[sl, None, None]
+        kind = shape[sl, None, None]
+        square = np.maximum(np.abs(dx), np.abs(dy)) - s
+        circle = np.sqrt(dx * dx + dy * dy) - _CIRCLE_R * s
+        # Max of the three edge half-plane distances; inradius is half the circumradius.
+        triangle = np.maximum.reduce([nx * dx + ny * dy for nx, ny in normals])
+        triangle = triangle - 0.5 * _TRIANGLE_R * s
+        sdf = np.where(kind == 0, square, np.where(kind == 1, circle, triangle))
+        coverage = np.clip(0.5 - sdf * size, 0.0, 1.0).astype(np.float32)  # (b, S, S)
+        rgb = _COLOUR_RGB[colour[sl]]  # (b, 3)
+        out[sl] = coverage[:, None] * rgb[:, :, None, None]
+    return out
+
+
+def make_shapes(
+    split: str = "train", n: int | None = None, seed: int = 0, image_size: int = 32
+) -> ImageData:
+    """Procedural RGB shapes on black with known factors; labels are the shape (3 classes).
+
+    Factors: ``shape`` (0 square, 1 circle, 2 triangle) and ``colour`` (index into
+    :data:`COLOURS`) are categorical int64; ``x``, ``y`` (centre, fraction of the width /
+    height, y = 0 at the top) and ``scale`` (half the side of the equal-area square, as a
+    fraction of the image side) are continuous float32. Factors depend only on
+    (seed, split, n), not on image_size.
+    """
+    _check_split(split)
+    size = _check_positive_int(image_size, "shapes image_size")
+    count = SHAPES_DEFAULT_N[split] if n is None else _check_positive_int(n, "shapes n")
+    seed = _check_positive_int(seed, "seed", minimum=0)
+    rng = _shapes_rng(seed, split)
+    shape = rng.integers(0, len(SHAPES), size=count)
+    colour = rng.integers(0, len(COLOURS), size=count)
+    x = rng.uniform(*SHAPES_POS_RANGE, size=count).astype(np.float32)
+    y = rng.uniform(*SHAPES_POS_RANGE, size=count).astype(np.float32)
+    scale = rng.uniform(*SHAPES_SCALE_RANGE, size=count).astype(np.float32)
+    images = _render_shapes(shape, colour, x, y, scale, size) * 2.0 - 1.0
+    shape_t = torch.from_numpy(shape.astype(np.int64))
+    factors = {
+        "shape": shape_t,
+        "colour": torch.from_numpy(colour.astype(np.int64)),
+        "x": torch.from_numpy(x),
+        "y": torch.from_numpy(y),
+        "scale": torch.from_numpy(scale),
+    }
+    kinds = {"shape": "categorical", "colour": "categorical"}
+    kinds |= {"x": "continuous", "y": "continuous", "scale": "continuous"}
+    return ImageData(
+        name="shapes",
+        images=torch.from_numpy(images),
+        labels=shape_t.clone(),
+        num_classes=len(SHAPES),
+        factors=factors,
+        factor_kinds=kinds,
+    )
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _find_images(root: Path) -> list[Path]:
+    files = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        # Hidden files/dirs (.ipynb_checkpoints, macOS "._x.png") are copies or junk.
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _load_one(path: Path, image_size: int, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # Palette/alpha images: go through RGBA so transparency is dropped consistently.
+            if im.mode in ("P", "PA", "LA", "RGBA") and mode == "RGB":
+                im = im.convert("RGBA")
+            im = im.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise GuidekitError(f"cannot read image {path}: {exc}; remove it or fix it") from exc
+    w, h = im.size
+    ratio = image_size / min(w, h)
+    new_w, new_h = max(image_size, round(w * ratio)), max(image_size, round(h * ratio))
+    im = im.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    im = im.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> ImageData:
+    """Every image under ``path`` (recursive, sorted), short side resized and centre-cropped.
+
+    Files with extensions in :data:`IMAGE_EXTENSIONS` (any case) are used; hidden files and
+    folders are skipped. The result is unlabelled.
+    """
+    size = _check_positive_int(image_size, "image_size")
+    if channels not in (1, 3):
+        raise GuidekitError(f"channels must be 1 or 3, got {channels!r}; pick one of them")
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise GuidekitError(f"image folder {root} does not exist; check the path")
+    if not root.is_dir():
+        raise GuidekitError(f"{root} is not a directory; give a folder that contains images")
+    files = _find_images(root)
+    if not files:
+        raise GuidekitError(
+            f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "add images or pick another folder"
+        )
+    mode = "RGB" if channels == 3 else "L"
+    arrays = np.stack([_load_one(f, size, mode) for f in files])  # (N, H, W[, 3]) uint8
+    if channels == 1:
+        arrays = arrays[..., None]
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return ImageData(
+        name=root.name or str(root), images=images.contiguous(), labels=None, num_classes=0
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _builtin_digits(
+    split: str = "train", image_size: int | None = None, seed: int = 0
+) -> ImageData:
+    del seed  # the digits split is fixed; nothing random to seed
+    return load_digits(split, 16 if image_size is None else image_size)
+
+
+def _builtin_shapes(
+    split: str = "train", image_size: int | None = None, seed: int = 0
+) -> ImageData:
+    return make_shapes(split, seed=seed, image_size=32 if image_size is None else image_size)
+
+
+# Uniform signature: (split="train", image_size=None -> dataset default, seed=0) -> ImageData.
+BUILTIN_DATASETS: dict[str, Callable[..., ImageData]] = {
+    "digits": _builtin_digits,
+    "shapes": _builtin_shapes,
+}
+
+
+def load_dataset(
+    name_or_path: str, split: str = "train", image_size: int | None = None, seed: int = 0
+) -> ImageData:
+    """Load a registered dataset by name (``digits``, ``shapes``, or a plugin's), or every
+    image in a folder.
+
+    Registered names win over a folder of the same name. Folders have no train/test split:
+    either split loads the whole folder (default image_size 32, RGB).
+    """
+    from guidekit.plugins import get_registry  # the registry imports this module
+
+    _check_split(split)
+    registry = get_registry()
+    if name_or_path in registry.names("dataset"):
+        data = registry.dataset(name_or_path).load(split, image_size, seed)
+        if not isinstance(data, ImageData):
+            raise GuidekitError(f"dataset '{name_or_path}' did not return an ImageData")
+        return data
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return load_image_folder(folder, 32 if image_size is None else image_size, channels=3)
+    raise GuidekitError(
+        f"unknown dataset '{name_or_path}': choose one of "
+        f"{', '.join(registry.names('dataset'))}, or give a folder of images"
+    )
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def iterate_batches(
+    data: ImageData, batch_size: int, generator: torch.Generator, *, drop_last: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One shuffled epoch of ``(images, labels)`` batches; labels is None when unlabelled.
+
+    The permutation is drawn from ``generator`` when this function is called (not lazily on
+    first ``next``), so saving the generator state before the call lets training replay the
+    epoch exactly.
+    """
+    size = _check_positive_int(batch_size, "batch_size")
+    n = len(data)
+    if n == 0:
+        raise GuidekitError(f"dataset '{data.name}' is empty; give it at least one image")
+    if drop_last and size > n:
+        raise GuidekitError(
+            f"batch_size {size} is larger than dataset '{data.name}' ({n} images), so every "
+            "batch would be dropped; lower the batch size"
+        )
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    perm = perm.to(data.images.device)
+    stop = n - n % size if drop_last else n
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        for start in range(0, stop, size):
+            idx = perm[start : start + size]
+            labels = None if data.labels is None else data.labels[idx.to(data.labels.device)]
+            yield data.images[idx], labels
+
+    return batches()
+
+
+# --------------------------------------------------------------------------- image writing
+
+
+def _to_uint8(images: torch.Tensor, what: str) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, with validation."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+        raise GuidekitError(f"{what} needs images shaped (N, C, H, W), got {shape}; reshape them")
+    if images.shape[1] not in (1, 3):
+        raise GuidekitError(
+            f"{what} needs 1 or 3 channels, got {images.shape[1]}; convert the images first"
+        )
+    if images.shape[0] == 0:
+        raise GuidekitError(f"{what} got no images; pass at least one")
+    x = images.detach().to("cpu", torch.float32)
+    # Diverged samples can hold NaN/inf; write them as grey/black/white rather than crash.
+    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _write_png(array: np.ndarray, path: Path) -> Path:
+    """Write an (H, W, C) uint8 array as a PNG atomically (temp file, then os.replace)."""
+    if path.suffix.lower() != ".png":
+        raise GuidekitError(f"cannot write {path}: images are saved as PNG; use a .png name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int | None = None,
+    padding: int = 1,
+    scale: int = 1,
+) -> Path:
+    """Write images in [-1, 1], (N, C, H, W) with C in {1, 3}, as one PNG grid.
+
+    ``nrow`` is the number of images per row (default ceil(sqrt(N))); ``padding`` pixels of
+    white separate and surround the images; ``scale`` upsamples each image by nearest
+    neighbour so tiny images are visible. The grid is
+    ``rows * (H * scale + padding) + padding`` pixels high and likewise wide.
+    """
+    arr = _to_uint8(images, "save_image_grid")
+    n, h, w, c = arr.shape
+    per_row = math.ceil(math.sqrt(n)) if nrow is None else _check_positive_int(nrow, "nrow")
+    pad = _check_positive_int(padding, "padding", minimum=0)
+    up = _check_positive_int(scale, "scale")
+    if up > 1:
+        arr = arr.repeat(up, axis=1).repeat(up, axis=2)
+        h, w = h * up, w * up
+    cols = min(per_row, n)
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[top : top + h, left : left + w] = arr[i]
+    return _write_png(grid, Path(path))
+
+
+def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
+    """Write each image in [-1, 1], (N, C, H, W), as ``{prefix}_{i:05d}.png`` in directory."""
+    arr = _to_uint8(images, "save_images")
+    out = Path(directory)
+    return [_write_png(a, out / f"{prefix}_{i:05d}.png") for i, a in enumerate(arr)]

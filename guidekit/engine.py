@@ -1,0 +1,176 @@
+"""The sampling engine: DDPM ancestral sampling, DDIM, and DDIM inversion, all guided.
+
+The loops live here; the per-step math lives in :mod:`guidekit.ops`. Guidance enters every
+loop the same way: the model predicts ε, the guidance terms give g, and the step op folds g
+in (DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from rich.progress import track
+from torch import Tensor, nn
+
+from guidekit import ops
+from guidekit.errors import GuidekitError
+from guidekit.guidance import GuidanceTerm, StepInput, compose
+from guidekit.schedule import NoiseSchedule
+
+VARIANCES = ("small", "large")
+
+
+class Sampler:
+    """Samples from an ε-predicting model under a (possibly respaced) schedule.
+
+    Args:
+        model: ε_θ(x, t) taking original training timesteps; if it returns twice x's channels,
+            the second half is the learned variance interpolation (improved DDPM) and is used.
+        schedule: the training schedule (unrespaced).
+        steps: respacing spec (``"ddim50"``, ``50``, ``"10,20"`` or a list); None keeps all.
+        variance: fixed Σ for DDPM when the model supplies none: ``"small"`` (β̃) or ``"large"``.
+        clip_x0: clamp x̂_0 to [−1, 1] inside each step.
+        compile: compile the step ops with ``torch.compile(fullgraph=True)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Tensor, Tensor], Tensor],
+        schedule: NoiseSchedule,
+        *,
+        steps: str | int | Sequence[int] | None = None,
+        variance: str = "small",
+        clip_x0: bool = False,
+        compile: bool = False,
+    ) -> None:
+        if variance not in VARIANCES:
+            raise GuidekitError(f"unknown variance '{variance}': choose small or large")
+        self.model = model
+        self.schedule = schedule if steps is None else schedule.respace(steps)
+        self.variance = variance
+        self.clip = clip_x0
+        step_ops = (ops.ddpm_step, ops.ddim_step, ops.ddim_invert_step)
+        if compile:
+            step_ops = tuple(torch.compile(f, fullgraph=True) for f in step_ops)
+        self._ddpm_step, self._ddim_step, self._invert_step = step_ops
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    def _device(self, x: Tensor) -> dict[str, Tensor]:
+        if self.schedule.device != x.device:
+            self.schedule.to(x.device)
+        return self.schedule.tables
+
+    def predict(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ε and, if the model learns Σ, its variance values; the model sees original t."""
+        out = self.model(x, self.schedule.timesteps[k])
+        if out.shape[1] == 2 * x.shape[1]:
+            eps, v = out.chunk(2, dim=1)
+            return eps, v
+        return out, None
+
+    def _guide(self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor) -> Tensor:
+        if not terms:
+            return torch.zeros_like(x)
+        tab = self.schedule.tables
+        inp = StepInput(
+            x_t=x,
+            t=self.schedule.timesteps[k],
+            k=k,
+            eps=eps,
+            x0=ops.predict_x0(tab, x, k, eps),
+            schedule=self.schedule,
+            model=self.model,
+        )
+        return compose(list(terms), inp)
+
+    def _start(
+        self, x_T: Tensor | None, shape: Sequence[int] | None, generator, device
+    ) -> Tensor:
+        if x_T is not None:
+            return x_T
+        if shape is None:
+            raise GuidekitError("give either x_T or shape")
+        return torch.randn(tuple(shape), generator=generator, device=device)
+
+    @torch.no_grad()
+    def ddpm(
+        self,
+        x_T: Tensor | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        guidance: Sequence[GuidanceTerm] = (),
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> Tensor:
+        """Ancestral sampling x_T → x_0 with Σ fixed or learned and the mean shifted by Σ·g."""
+        x = self._start(x_T, shape, generator, device)
+        tab = self._device(x)
+        for i in track(
+            range(self.num_steps - 1, -1, -1), "DDPM sampling", disable=not progress
+        ):
+            k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            eps, v = self.predict(x, k)
+            g = self._guide(guidance, x, k, eps)
+            log_var = ops.log_variance(tab, k, x, "learned" if v is not None else self.variance, v)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x, _ = self._ddpm_step(tab, x, k, eps, log_var, g, noise, self.clip)
+        return x
+
+    @torch.no_grad()
+    def ddim(
+        self,
+        x_T: Tensor | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        eta: float = 0.0,
+        guidance: Sequence[GuidanceTerm] = (),
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> Tensor:
+        """DDIM sampling x_T → x_0 (η = 0 deterministic, η = 1 DDPM-like), guided in score form."""
+        if eta < 0:
+            raise GuidekitError(f"eta must be >= 0, got {eta}")
+        x = self._start(x_T, shape, generator, device)
+        tab = self._device(x)
+        for i in track(
+            range(self.num_steps - 1, -1, -1), "DDIM sampling", disable=not progress
+        ):
+            k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            eps, _ = self.predict(x, k)
+            g = self._guide(guidance, x, k, eps)
+            noise = (
+                torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                if eta > 0
+                else torch.zeros_like(x)
+            )
+            x, _ = self._ddim_step(tab, x, k, eps, g, noise, eta, self.clip)
+        return x
+
+    @torch.no_grad()
+    def invert(
+        self,
+        x0: Tensor,
+        *,
+        guidance: Sequence[GuidanceTerm] = (),
+        progress: bool = False,
+    ) -> Tensor:
+        """DDIM inversion x_0 → x_T ("inferred x_T"), the inverse of ``ddim(eta=0)``.
+
+        Step k moves from level ᾱ_{k−1} to ᾱ_k with ε evaluated at the current state and the
+        timestep of its own level (s_{k−1}; s_0 for the clean start). Guidance applies here too.
+        """
+        x = x0
+        tab = self._device(x)
+        for i in track(range(self.num_steps), "DDIM inversion", disable=not progress):
+            k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            k_eval = (k - 1).clamp(min=0)
+            eps, _ = self.predict(x, k_eval)
+            g = self._guide(guidance, x, k_eval, eps)
+            x = self._invert_step(tab, x, k, eps, g, self.clip)
+        return x

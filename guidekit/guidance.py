@@ -1,0 +1,104 @@
+"""Guidance: an estimate g ≈ ∇_{x_t} log p(c | x_t) that the engine folds into each step.
+
+A guidance is any callable taking a :class:`StepInput` and returning g with x_t's shape.
+Several compose by summing, each with its own scale and per-timestep weight.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from guidekit.errors import GuidekitError
+from guidekit.schedule import NoiseSchedule
+
+
+@dataclass
+class StepInput:
+    """What a guidance sees at one step of sampling or inversion."""
+
+    x_t: Tensor  # the current sample, (B, C, H, W)
+    t: Tensor  # original training timesteps, (B,) long: what the model saw
+    k: Tensor  # step index into ``schedule`` (differs from t when respaced), (B,) long
+    eps: Tensor  # the model's unguided ε prediction
+    x0: Tensor  # the unguided x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t
+    schedule: NoiseSchedule  # the (possibly respaced) schedule being sampled
+    model: Callable[[Tensor, Tensor], Tensor]  # ε_θ(x, t), for guidances that differentiate it
+
+
+@runtime_checkable
+class Guidance(Protocol):
+    """Returns g ≈ ∇_{x_t} log p(c | x_t), shaped like ``inp.x_t``.
+
+    Called inside ``torch.no_grad()``; a guidance that needs autograd (a classifier's
+    gradient) opens ``torch.enable_grad()`` itself on a detached copy of x_t.
+    """
+
+    def __call__(self, inp: StepInput) -> Tensor: ...
+
+
+@dataclass
+class GuidanceTerm:
+    """One guidance with its scale and an optional weight per original timestep, (T,)."""
+
+    guidance: Guidance
+    scale: float = 1.0
+    weight: Tensor | None = None
+    name: str = ""
+
+
+def compose(terms: list[GuidanceTerm], inp: StepInput) -> Tensor:
+    """Σ_i scale_i · w_i(t) · g_i: zero when there are no terms."""
+    total = torch.zeros_like(inp.x_t)
+    for term in terms:
+        g = term.guidance(inp)
+        if g.shape != inp.x_t.shape:
+            raise GuidekitError(
+                f"guidance '{term.name}' returned shape {tuple(g.shape)}, "
+                f"expected x_t's {tuple(inp.x_t.shape)}"
+            )
+        scale = torch.as_tensor(term.scale, dtype=g.dtype, device=g.device)
+        if term.weight is not None:
+            w = term.weight.to(g.device, g.dtype)[inp.t]
+            scale = scale * w.reshape(-1, *([1] * (g.ndim - 1)))
+        total = total + scale * g
+    return total
+
+
+def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:
+    """A per-timestep weight over the schedule's T original steps from a short spec.
+
+    - ``"constant"``: no weight (always on).
+    - ``"snr:LO:HI"``: on where LO ≤ SNR(t) < HI (either bound may be empty), off elsewhere;
+      e.g. ``snr:0.01:1`` is the content stage of the P2 paper.
+    - ``"t:LO:HI"``: on for original timesteps LO ≤ t < HI.
+    """
+    s = spec.strip().lower()
+    if s in ("", "constant"):
+        return None
+    m = re.fullmatch(r"(snr|t):([^:]*):([^:]*)", s)
+    if not m:
+        raise GuidekitError(
+            f"bad guidance schedule '{spec}': use 'constant', 'snr:LO:HI' or 't:LO:HI'"
+        )
+    kind, lo_s, hi_s = m.groups()
+    try:
+        lo = float(lo_s) if lo_s else float("-inf")
+        hi = float(hi_s) if hi_s else float("inf")
+    except ValueError:
+        raise GuidekitError(f"bad bounds in guidance schedule '{spec}'") from None
+    if not torch.equal(schedule.timesteps.cpu(), torch.arange(schedule.num_steps)):
+        raise GuidekitError("build guidance schedules on the unrespaced training schedule")
+    if kind == "snr":
+        value = schedule.float64["snr"]
+    else:
+        value = torch.arange(schedule.num_steps, dtype=torch.float64)
+    w = ((value >= lo) & (value < hi)).to(torch.float32)
+    if not bool(w.any()):
+        raise GuidekitError(f"guidance schedule '{spec}' is off at every timestep")
+    return w.to(schedule.device)

@@ -1,0 +1,168 @@
+"""The per-step math of DDPM and DDIM, with guidance folded in as a mean shift.
+
+Every function here is pure tensor code over precomputed schedule tables (see
+``NoiseSchedule.tables``) indexed by a step-index tensor ``k`` of shape (B,): no Python
+branching on tensor values and no host syncs, so each compiles with
+``torch.compile(fullgraph=True)``. Python-level flags (``clip``, ``eta``, ``variance``) are
+static and select the graph.
+
+Sign convention: ``g ≈ ∇_{x_t} log p(c | x_t)`` already multiplied by its scale(s).
+"""
+
+from __future__ import annotations
+
+from einops import rearrange
+from torch import Tensor
+
+Tables = dict[str, Tensor]
+
+
+def at(table: Tensor, k: Tensor, like: Tensor) -> Tensor:
+    """``table[k]`` shaped to broadcast against ``like`` (B, ...)."""
+    v = table[k]
+    return rearrange(v, "b -> b" + " 1" * (like.ndim - 1))
+
+
+def q_sample(tab: Tables, x0: Tensor, k: Tensor, noise: Tensor) -> Tensor:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε."""
+    return at(tab["sqrt_alphas_cumprod"], k, x0) * x0 + at(
+        tab["sqrt_one_minus_alphas_cumprod"], k, x0
+    ) * noise
+
+
+def predict_x0(tab: Tables, x_t: Tensor, k: Tensor, eps: Tensor) -> Tensor:
+    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t."""
+    return at(tab["sqrt_recip_alphas_cumprod"], k, x_t) * x_t - at(
+        tab["sqrt_recipm1_alphas_cumprod"], k, x_t
+    ) * eps
+
+
+def eps_from_x0(tab: Tables, x_t: Tensor, k: Tensor, x0: Tensor) -> Tensor:
+    """The ε that maps x_t to x̂_0: (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t)."""
+    return (at(tab["sqrt_recip_alphas_cumprod"], k, x_t) * x_t - x0) / at(
+        tab["sqrt_recipm1_alphas_cumprod"], k, x_t
+    )
+
+
+def posterior_mean(tab: Tables, x0: Tensor, x_t: Tensor, k: Tensor) -> Tensor:
+    """μ̃(x_t, x_0) = c1·x_0 + c2·x_t of q(x_{t−1} | x_t, x_0)."""
+    return at(tab["posterior_mean_coef1"], k, x_t) * x0 + at(
+        tab["posterior_mean_coef2"], k, x_t
+    ) * x_t
+
+
+def model_mean(tab: Tables, x_t: Tensor, k: Tensor, eps: Tensor) -> Tensor:
+    """μ_θ(x_t, t) = (x_t − β_t/√(1−ᾱ_t) · ε) / √α_t (equal to μ̃(x_t, x̂_0))."""
+    beta = at(tab["betas"], k, x_t)
+    return (x_t - beta / at(tab["sqrt_one_minus_alphas_cumprod"], k, x_t) * eps) / at(
+        tab["alphas"], k, x_t
+    ).sqrt()
+
+
+def log_variance(
+    tab: Tables, k: Tensor, like: Tensor, variance: str, var_values: Tensor | None = None
+) -> Tensor:
+    """log Σ_t: fixed ``"small"`` (β̃_t) or ``"large"`` (β_t), or ``"learned"`` from the model's
+    interpolation output v ∈ [−1, 1] (improved DDPM: v=1 is β_t, v=−1 is β̃_t)."""
+    small = at(tab["posterior_log_variance_clipped"], k, like)
+    if variance == "small":
+        return small
+    if variance == "large":
+        return at(tab["large_log_variance"], k, like)
+    large = at(tab["betas"], k, like).log()
+    assert var_values is not None, "learned variance needs the model's variance output"
+    frac = (var_values + 1) / 2
+    return frac * large + (1 - frac) * small
+
+
+def ddpm_step(
+    tab: Tables,
+    x_t: Tensor,
+    k: Tensor,
+    eps: Tensor,
+    log_var: Tensor,
+    g: Tensor,
+    noise: Tensor,
+    clip: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral step x_t → x_{t−1} with mean shift μ = μ_θ + Σ_t·g.
+
+    Returns (x_{t−1}, x̂_0). No noise is added at the last step (k = 0).
+    """
+    x0 = predict_x0(tab, x_t, k, eps)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    var = log_var.exp()
+    mean = posterior_mean(tab, x0, x_t, k) + var * g
+    last = rearrange((k == 0).to(x_t.dtype), "b -> b" + " 1" * (x_t.ndim - 1))
+    return mean + (1 - last) * (0.5 * log_var).exp() * noise, x0
+
+
+def ddim_step(
+    tab: Tables,
+    x_t: Tensor,
+    k: Tensor,
+    eps: Tensor,
+    g: Tensor,
+    noise: Tensor,
+    eta: float = 0.0,
+    clip: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step x_t → x_{t'} in score form: ε̂ = ε − √(1−ᾱ_t)·g.
+
+    Returns (x_{t'}, x̂_0); σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}).
+    """
+    ab = at(tab["alphas_cumprod"], k, x_t)
+    ab_prev = at(tab["alphas_cumprod_prev"], k, x_t)
+    s1m = at(tab["sqrt_one_minus_alphas_cumprod"], k, x_t)
+    eps_hat = eps - s1m * g
+    x0 = (x_t - s1m * eps_hat) / ab.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps_hat = (x_t - ab.sqrt() * x0) / s1m
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
+    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
+    return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
+
+
+def ddim_invert_step(
+    tab: Tables, x: Tensor, k: Tensor, eps: Tensor, g: Tensor, clip: bool = False
+) -> Tensor:
+    """The deterministic DDIM update run forward: level ᾱ_{k−1} (1 before the first step) → ᾱ_k.
+
+    ``eps`` is the model's prediction at the current state (see ``engine.Sampler.invert``).
+    """
+    ab_cur = at(tab["alphas_cumprod_prev"], k, x)
+    ab_next = at(tab["alphas_cumprod"], k, x)
+    s1m = (1 - ab_cur).sqrt()
+    eps_hat = eps - s1m * g
+    x0 = (x - s1m * eps_hat) / ab_cur.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps_hat
+
+
+def guided_eps(tab: Tables, x_t: Tensor, k: Tensor, eps: Tensor, g: Tensor) -> Tensor:
+    """ε̂ of a DDPM step whose mean is shifted by β̃_t·g, written on ε:
+    ε̂ = ε − √α_t (1−ᾱ_{t−1}) / √(1−ᾱ_t) · g. PDAE's loss is ‖ε − ε̂‖² at scale 1."""
+    coef = (
+        at(tab["alphas"], k, x_t).sqrt()
+        * (1 - at(tab["alphas_cumprod_prev"], k, x_t))
+        / at(tab["sqrt_one_minus_alphas_cumprod"], k, x_t)
+    )
+    return eps - coef * g
+
+
+__all__ = [
+    "at",
+    "q_sample",
+    "predict_x0",
+    "eps_from_x0",
+    "posterior_mean",
+    "model_mean",
+    "log_variance",
+    "ddpm_step",
+    "ddim_step",
+    "ddim_invert_step",
+    "guided_eps",
+]

@@ -1,0 +1,208 @@
+"""Noise schedules, their derived tables, and respacing.
+
+Tables are computed in float64 (the products over 1000 steps lose precision in float32) and
+stored as float32 tensors that move to the sampling device once, so a step only gathers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from guidekit.errors import GuidekitError
+
+_KINDS = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How β_t is laid out over the T training steps."""
+
+    kind: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4  # linear only
+    beta_end: float = 0.02  # linear only
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            choices = ", ".join(_KINDS)
+            raise GuidekitError(f"unknown schedule '{self.kind}': choose one of {choices}")
+        if self.num_timesteps < 1:
+            raise GuidekitError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScheduleConfig:
+        unknown = set(d) - {"kind", "num_timesteps", "beta_start", "beta_end"}
+        if unknown:
+            raise GuidekitError(f"unknown schedule setting(s) {sorted(unknown)} in config")
+        return cls(**d)
+
+
+def make_betas(config: ScheduleConfig) -> torch.Tensor:
+    """β_1..β_T in float64: linear (DDPM) or cosine (improved DDPM, β capped at 0.999)."""
+    T = config.num_timesteps
+    if config.kind == "linear":
+        # Scaled so that any T spans the same noise range as T=1000 (as in improved DDPM).
+        scale = 1000 / T
+        return torch.linspace(
+            scale * config.beta_start, scale * config.beta_end, T, dtype=torch.float64
+        ).clamp(max=0.999)
+
+    def abar(u: torch.Tensor) -> torch.Tensor:
+        return torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    return (1 - abar(u[1:]) / abar(u[:-1])).clamp(max=0.999)
+
+
+class NoiseSchedule:
+    """All per-step coefficients of the forward process and the reverse posterior.
+
+    Index k runs over the (possibly respaced) steps; ``timesteps[k]`` is the original training
+    timestep that the model and every guidance see. For an unrespaced schedule they coincide.
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        config: ScheduleConfig | None = None,
+    ) -> None:
+        b = betas.to(torch.float64)
+        if b.ndim != 1 or len(b) == 0 or bool((b <= 0).any()) or bool((b >= 1).any()):
+            raise GuidekitError("betas must be a non-empty 1-D tensor with values in (0, 1)")
+        self.config = config
+        self.num_steps = len(b)
+        self.timesteps = (
+            torch.arange(len(b)) if timesteps is None else timesteps.to(torch.long).clone()
+        )
+        a = 1 - b
+        ab = torch.cumprod(a, 0)
+        ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
+        ab_next = torch.cat([ab[1:], torch.zeros(1, dtype=b.dtype)])
+        post_var = b * (1 - ab_prev) / (1 - ab)
+        # β̃ at the first step is 0; log of it is clipped to the next value (as in improved DDPM).
+        post_var_clipped = torch.cat([post_var[1:2], post_var[1:]]) if len(b) > 1 else b
+        large = torch.cat([post_var[1:2], b[1:]]) if len(b) > 1 else b
+        tables = {
+            "betas": b,
+            "alphas": a,
+            "alphas_cumprod": ab,
+            "alphas_cumprod_prev": ab_prev,
+            "alphas_cumprod_next": ab_next,
+            "sqrt_alphas_cumprod": ab.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - ab).sqrt(),
+            "sqrt_recip_alphas_cumprod": (1 / ab).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1 / ab - 1).sqrt(),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_var_clipped.log(),
+            # "large" variance: β_t, with β̃ at the first step so x_0 is not over-noised.
+            "large_log_variance": large.log(),
+            "posterior_mean_coef1": b * ab_prev.sqrt() / (1 - ab),
+            "posterior_mean_coef2": a.sqrt() * (1 - ab_prev) / (1 - ab),
+            "snr": ab / (1 - ab),
+        }
+        self.float64 = tables
+        self._tables = {k: v.to(torch.float32) for k, v in tables.items()}
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        tables = self.__dict__.get("_tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(name)
+
+    @property
+    def tables(self) -> dict[str, torch.Tensor]:
+        return self._tables
+
+    @classmethod
+    def from_config(cls, config: ScheduleConfig) -> NoiseSchedule:
+        return cls(make_betas(config), config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return self._tables["betas"].device
+
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """Move the float32 tables to ``device`` (in place; returns self)."""
+        self._tables = {k: v.to(device) for k, v in self._tables.items()}
+        self.timesteps = self.timesteps.to(device)
+        return self
+
+    def respace(self, steps: str | int | Sequence[int]) -> NoiseSchedule:
+        """A schedule over a subset of the steps: ᾱ'_k = ᾱ_{s_k}, β'_k = 1 − ᾱ'_k/ᾱ'_{k−1}."""
+        if self.num_steps != len(self.timesteps) or not torch.equal(
+            self.timesteps.cpu(), torch.arange(self.num_steps)
+        ):
+            raise GuidekitError("respace the original schedule, not an already respaced one")
+        keep = space_timesteps(self.num_steps, steps)
+        ab = self.float64["alphas_cumprod"][keep]
+        ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+        new = NoiseSchedule(1 - ab / ab_prev, timesteps=torch.tensor(keep), config=self.config)
+        return new.to(self.device)
+
+
+def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list[int]:
+    """Which original steps a respaced schedule keeps, sorted.
+
+    - ``"ddimK"``: K steps with an integer stride, as in DDIM (0, s, 2s, ...).
+    - ``K`` or ``"K"``: K steps spread evenly over [0, T-1], ending at T-1.
+    - ``"a,b,c"``: split the T steps into sections and take a, b, c evenly spaced steps from
+      each (guided-diffusion's convention).
+    - a list of ints: exactly those steps.
+    """
+    T = num_timesteps
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        m = re.fullmatch(r"ddim(\d+)", s)
+        if m:
+            k = int(m.group(1))
+            if not 1 <= k <= T:
+                raise GuidekitError(f"cannot take {k} DDIM steps out of {T}: choose 1..{T}")
+            stride = T // k
+            return list(range(0, stride * k, stride))
+        try:
+            parts = [int(p) for p in s.split(",")]
+        except ValueError:
+            raise GuidekitError(
+                f"bad step spec '{spec}': use 'ddimK', a count like '50', or section counts "
+                "like '10,20'"
+            ) from None
+        if len(parts) == 1:
+            return _even(T, parts[0])
+        return _sections(T, parts)
+    if isinstance(spec, int):
+        return _even(T, spec)
+    steps = sorted(set(int(s) for s in spec))
+    if not steps or steps[0] < 0 or steps[-1] >= T:
+        raise GuidekitError(f"explicit timesteps must be within 0..{T - 1}")
+    return steps
+
+
+def _even(T: int, k: int) -> list[int]:
+    if not 1 <= k <= T:
+        raise GuidekitError(f"cannot take {k} steps out of {T}: choose 1..{T}")
+    if k == 1:
+        return [T - 1]
+    return sorted({round(i * (T - 1) / (k - 1)) for i in range(k)})
+
+
+def _sections(T: int, counts: list[int]) -> list[int]:
+    size, extra = divmod(T, len(counts))
+    out: list[int] = []
+    start = 0
+    for i, count in enumerate(counts):
+        n = size + (1 if i < extra else 0)
+        if not 1 <= count <= n:
+            raise GuidekitError(f"section {i} has {n} steps; cannot take {count} of them")
+        stride = (n - 1) / (count - 1) if count > 1 else 1
+        out += [start + round(stride * j) for j in range(count)]
+        start += n
+    return out

@@ -1,0 +1,40 @@
+"""Helpers for tests of guidekit and of plugins: a tiny DPM checkpoint in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guidekit.data import ImageData, load_dataset
+from guidekit.schedule import ScheduleConfig
+from guidekit.training import TrainConfig
+from guidekit.unet import UNetConfig
+
+
+def tiny_unet_config(data: ImageData) -> UNetConfig:
+    """A UNet small enough to train a few steps in a second or two."""
+    return UNetConfig(
+        image_size=data.image_size, in_channels=data.channels, model_channels=8,
+        channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_heads=1,
+    )
+
+
+def make_tiny_dpm(
+    out: str | Path,
+    data: str = "digits",
+    steps: int = 4,
+    timesteps: int = 100,
+    resume: bool = False,
+    **train_kwargs,
+) -> Path:
+    """Train (or, with ``resume``, continue) a tiny DDPM checkpoint in ``out``; no sample
+    grid. ``train_kwargs`` go to :class:`~guidekit.training.TrainConfig`."""
+    from guidekit.ddpm import train
+
+    images = load_dataset(data, "train")
+    cfg = TrainConfig(steps=steps, batch_size=16, log_every=1, save_every=steps, **train_kwargs)
+    train(
+        images, out, unet=tiny_unet_config(images),
+        schedule=ScheduleConfig(num_timesteps=timesteps), config=cfg, resume=resume, samples=0,
+        progress=False,
+    )
+    return Path(out)

@@ -1,0 +1,42 @@
+"""P2 weighting (Choi et al., 2022): λ'_t = λ_t / (k + SNR(t))^γ, applied to any ε-loss.
+
+It down-weights the clean-up stage (high SNR) so training spends its capacity on content.
+γ = 0 is uniform; the paper uses k = 1 and γ ∈ {0.5, 1}.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from guidekit.errors import GuidekitError
+from guidekit.hookspecs import hookimpl
+from guidekit.schedule import NoiseSchedule
+from guidekit.specs import WeightingSpec
+
+__version__ = "0.1.0"
+
+
+def p2_weights(schedule: NoiseSchedule, p2_gamma: float = 1.0, p2_k: float = 1.0) -> torch.Tensor:
+    """λ'_t = 1 / (k + SNR(t))^γ over the schedule's steps."""
+    if p2_k <= 0 and p2_gamma > 0:
+        raise GuidekitError(f"--p2-k must be > 0, got {p2_k}")
+    snr = schedule.float64["snr"]
+    return (1.0 / (p2_k + snr) ** p2_gamma).to(torch.float32)
+
+
+@hookimpl
+def guidekit_weightings() -> list[WeightingSpec]:
+    return [
+        WeightingSpec(
+            "p2",
+            p2_weights,
+            help="P2: λ_t / (k + SNR)^γ, favouring the content stage.",
+            options=[
+                click.Option(["--p2-gamma"], type=float, default=1.0, show_default=True,
+                             help="γ of P2 (0 = uniform)."),
+                click.Option(["--p2-k"], type=float, default=1.0, show_default=True,
+                             help="k of P2."),
+            ],
+        )
+    ]
