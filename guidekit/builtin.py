@@ -6,8 +6,6 @@ PDAE, ...) live under ``plugins/`` and load through entry points.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from guidekit.data import BUILTIN_DATASETS
@@ -60,26 +58,34 @@ def guidekit_trainers() -> list[TrainerSpec]:
 def quickstart_ddpm(ctx: QuickstartContext) -> StepReport:
     """Train the DDPM every later step guides or builds on."""
     from guidekit.data import load_dataset
-    from guidekit.ddpm import train
+    from guidekit.ddpm import sample_grid, train
     from guidekit.training import TrainConfig
 
     data = load_dataset("digits", "train")
     steps = 30 if ctx.fast else QUICKSTART_DDPM_STEPS
+    out = ctx.out / "ddpm"
     summary = train(
-        data, ctx.out / "ddpm",
-        config=TrainConfig(steps=steps, batch_size=64, lr=1e-3, ema_decay=0.995,
-                           seed=ctx.seed, save_every=steps, log_every=max(steps // 20, 1)),
-        samples=64, progress=ctx.progress,
+        data, out,
+        config=TrainConfig(steps=steps, seed=ctx.seed, save_every=steps,
+                           log_every=max(steps // 20, 1)),
+        samples=0, progress=ctx.progress,
     )
+    grids = [
+        sample_grid(out, 64, sampler="ddpm", steps=25 if ctx.fast else 250, seed=ctx.seed,
+                    name="samples_ddpm.png"),
+        sample_grid(out, 64, sampler="ddim", steps=50, seed=ctx.seed, name="samples_ddim.png"),
+    ]
     return StepReport(
         "DDPM on digits",
-        images=[Path(summary["samples"])],
+        images=grids,
         metrics={k: summary[k] for k in ("steps", "final_loss", "seconds", "images_per_second")},
-        text="Unguided DDIM-50 samples from the EMA weights.",
+        text="Unguided samples from the EMA weights: DDPM ancestral (250 steps) and DDIM "
+        "(50 steps, η = 0).",
     )
 
 
-QUICKSTART_DDPM_STEPS = 1500
+# About 3.5 minutes on two CPU cores at batch 32 (digits, the default 1.4M-parameter UNet).
+QUICKSTART_DDPM_STEPS = 1200
 
 
 @hookimpl

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from guidekit import __version__
 from guidekit.errors import GuidekitError
+from guidekit.options import describe_options
 from guidekit.plugins import get_manager, get_registry
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -97,17 +99,32 @@ def quickstart_command(
     typer.echo(json.dumps(summary, indent=2) if json_out else f"report: {summary['report']}")
 
 
+def plugin_options_help(kind: str, specs: dict) -> str | None:
+    """A help epilog listing each plugin's extra options (they follow --{kind} NAME)."""
+    blocks = [
+        f"{kind} {name}: " + "; ".join(describe_options(spec.options).splitlines())
+        for name, spec in sorted(specs.items())
+        if spec.options
+    ]
+    return "\n\n".join(blocks) or None
+
+
 def build_app() -> typer.Typer:
     """The CLI with every registered trainer and plugin command."""
     app = typer.Typer(
         name="guidekit", help=f"guidekit {__version__}: guided diffusion with plugins.",
         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
     )
+    reg = get_registry()
     train = typer.Typer(help="Train a model: `guidekit train NAME --help`.", no_args_is_help=True)
-    for name, spec in sorted(get_registry().specs["trainer"].items()):
-        train.command(name, help=spec.help, context_settings=EXTRA_ARGS)(spec.command)
+    weighting_help = plugin_options_help("weighting", reg.specs["weighting"])
+    for name, spec in sorted(reg.specs["trainer"].items()):
+        takes_weighting = "weighting" in inspect.signature(spec.command).parameters
+        train.command(name, help=spec.help, context_settings=EXTRA_ARGS,
+                      epilog=weighting_help if takes_weighting else None)(spec.command)
     app.add_typer(train, name="train")
-    app.command("sample", context_settings=EXTRA_ARGS)(sample_command)
+    app.command("sample", context_settings=EXTRA_ARGS,
+                epilog=plugin_options_help("guidance", reg.specs["guidance"]))(sample_command)
     app.command("plugins")(plugins_command)
     app.command("quickstart")(quickstart_command)
     get_manager().hook.guidekit_commands.call_historic(kwargs={"cli": app})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SHAPES",
     "ImageData",
-    "iterate_batches",
     "load_dataset",
     "load_digits",
     "load_image_folder",
@@ -349,40 +348,6 @@ def load_dataset(
         f"unknown dataset '{name_or_path}': choose one of "
         f"{', '.join(registry.names('dataset'))}, or give a folder of images"
     )
-
-
-# --------------------------------------------------------------------------- batching
-
-
-def iterate_batches(
-    data: ImageData, batch_size: int, generator: torch.Generator, *, drop_last: bool = True
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """One shuffled epoch of ``(images, labels)`` batches; labels is None when unlabelled.
-
-    The permutation is drawn from ``generator`` when this function is called (not lazily on
-    first ``next``), so saving the generator state before the call lets training replay the
-    epoch exactly.
-    """
-    size = _check_positive_int(batch_size, "batch_size")
-    n = len(data)
-    if n == 0:
-        raise GuidekitError(f"dataset '{data.name}' is empty; give it at least one image")
-    if drop_last and size > n:
-        raise GuidekitError(
-            f"batch_size {size} is larger than dataset '{data.name}' ({n} images), so every "
-            "batch would be dropped; lower the batch size"
-        )
-    perm = torch.randperm(n, generator=generator, device=generator.device)
-    perm = perm.to(data.images.device)
-    stop = n - n % size if drop_last else n
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        for start in range(0, stop, size):
-            idx = perm[start : start + size]
-            labels = None if data.labels is None else data.labels[idx.to(data.labels.device)]
-            yield data.images[idx], labels
-
-    return batches()
 
 
 # --------------------------------------------------------------------------- image writing

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from guidekit import ops
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
 from guidekit.data import ImageData, load_dataset, save_image_grid
+from guidekit.distributed import is_main_process
 from guidekit.engine import Sampler
 from guidekit.errors import GuidekitError
 from guidekit.options import parse_plugin_options
@@ -127,6 +128,22 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
         raise GuidekitError(f"{what} must be comma-separated integers, got '{text}'") from None
 
 
+def sample_grid(
+    checkpoint: str | Path,
+    n: int = 64,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    name: str = "samples.png",
+) -> Path:
+    """Write an unguided sample grid of the checkpoint beside it."""
+    from guidekit.sampling import sample
+
+    x = sample(load_dpm(checkpoint), n, sampler=sampler, steps=steps, seed=seed)
+    return save_image_grid(x, Path(checkpoint) / name, scale=4)
+
+
 def weighting_table(
     name: str, schedule: NoiseSchedule, options: dict[str, Any] | None = None
 ) -> Tensor:
@@ -177,12 +194,7 @@ def train(
         "images_per_second": round(result.images_per_second, 1),
     }
     if samples and result.is_main:
-        dpm = load_dpm(out, "cpu")
-        x = dpm.sampler(steps="ddim50", clip_x0=True).ddim(
-            shape=(samples, *dpm.image_shape),
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-        summary["samples"] = str(save_image_grid(x, out / "samples.png", scale=2))
+        summary["samples"] = str(sample_grid(out, samples, seed=config.seed))
     return summary
 
 
@@ -191,9 +203,9 @@ def train_ddpm(
     data: str = typer.Option("digits", help="Dataset name or a folder of images."),
     out: Path = typer.Option(Path("runs/ddpm"), help="Checkpoint directory."),
     steps: int = typer.Option(2000, help="Optimisation steps."),
-    batch_size: int = typer.Option(64, help="Global batch size (split across processes)."),
-    lr: float = typer.Option(2e-4, help="AdamW learning rate."),
-    ema_decay: float = typer.Option(0.999, help="EMA decay of the weights used to sample."),
+    batch_size: int = typer.Option(32, help="Global batch size (split across processes)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used to sample."),
     grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
     image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
     model_channels: int = typer.Option(32, help="UNet base width."),
@@ -239,6 +251,8 @@ def train_ddpm(
         weighting=weighting, weighting_options=weighting_options, config=cfg, resume=resume,
         samples=samples, progress=not json_out,
     )
+    if not is_main_process():
+        return
     if json_out:
         typer.echo(json.dumps(summary))
     else:

@@ -27,6 +27,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` launch, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -72,9 +72,12 @@ class Sampler:
             return eps, v
         return out, None
 
-    def _guide(self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor) -> Tensor:
+    def _guide(
+        self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor
+    ) -> Tensor | None:
+        """Σ_i s_i·w_i(t)·g_i, or None when unguided (the step ops then skip the shift)."""
         if not terms:
-            return torch.zeros_like(x)
+            return None
         tab = self.schedule.tables
         inp = StepInput(
             x_t=x,
@@ -116,9 +119,11 @@ class Sampler:
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps, v = self.predict(x, k)
             g = self._guide(guidance, x, k, eps)
-            log_var = ops.log_variance(tab, k, x, "learned" if v is not None else self.variance, v)
+            var, log_var = ops.variance(
+                tab, k, x, "learned" if v is not None else self.variance, v
+            )
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x, _ = self._ddpm_step(tab, x, k, eps, log_var, g, noise, self.clip)
+            x, _ = self._ddpm_step(tab, x, k, eps, var, log_var, g, noise, self.clip)
         return x
 
     @torch.no_grad()
@@ -147,7 +152,7 @@ class Sampler:
             noise = (
                 torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if eta > 0
-                else torch.zeros_like(x)
+                else None
             )
             x, _ = self._ddim_step(tab, x, k, eps, g, noise, eta, self.clip)
         return x

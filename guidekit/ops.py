@@ -59,20 +59,30 @@ def model_mean(tab: Tables, x_t: Tensor, k: Tensor, eps: Tensor) -> Tensor:
     ).sqrt()
 
 
-def log_variance(
-    tab: Tables, k: Tensor, like: Tensor, variance: str, var_values: Tensor | None = None
-) -> Tensor:
-    """log Σ_t: fixed ``"small"`` (β̃_t) or ``"large"`` (β_t), or ``"learned"`` from the model's
-    interpolation output v ∈ [−1, 1] (improved DDPM: v=1 is β_t, v=−1 is β̃_t)."""
-    small = at(tab["posterior_log_variance_clipped"], k, like)
-    if variance == "small":
-        return small
-    if variance == "large":
-        return at(tab["large_log_variance"], k, like)
-    large = at(tab["betas"], k, like).log()
-    assert var_values is not None, "learned variance needs the model's variance output"
-    frac = (var_values + 1) / 2
-    return frac * large + (1 - frac) * small
+def variance(
+    tab: Tables, k: Tensor, like: Tensor, kind: str, var_values: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(Σ_t, log Σ_t) of the reverse step: fixed ``"small"`` (β̃_t) or ``"large"`` (β_t), or
+    ``"learned"`` from the model's interpolation output v ∈ [−1, 1] (improved DDPM: v=1 is
+    β_t, v=−1 is β̃_t).
+
+    Σ is what the guidance shift uses; log Σ scales the noise. They differ only for "small"
+    at the first step, where β̃_0 = 0 and log β̃ is clipped to stay finite (no noise is added
+    there anyway), so the shift vanishes as the posterior says.
+    """
+    if kind == "small":
+        return at(tab["posterior_variance"], k, like), at(
+            tab["posterior_log_variance_clipped"], k, like
+        )
+    if kind == "large":
+        log_var = at(tab["large_log_variance"], k, like)
+    else:
+        assert var_values is not None, "learned variance needs the model's variance output"
+        frac = (var_values + 1) / 2
+        log_var = frac * at(tab["betas"], k, like).log() + (1 - frac) * at(
+            tab["posterior_log_variance_clipped"], k, like
+        )
+    return log_var.exp(), log_var
 
 
 def ddpm_step(
@@ -80,20 +90,23 @@ def ddpm_step(
     x_t: Tensor,
     k: Tensor,
     eps: Tensor,
+    var: Tensor,
     log_var: Tensor,
-    g: Tensor,
+    g: Tensor | None,
     noise: Tensor,
     clip: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One ancestral step x_t → x_{t−1} with mean shift μ = μ_θ + Σ_t·g.
 
-    Returns (x_{t−1}, x̂_0). No noise is added at the last step (k = 0).
+    ``var, log_var`` come from :func:`variance`; ``g=None`` means unguided. Returns
+    (x_{t−1}, x̂_0). No noise is added at the last step (k = 0).
     """
     x0 = predict_x0(tab, x_t, k, eps)
     if clip:
         x0 = x0.clamp(-1, 1)
-    var = log_var.exp()
-    mean = posterior_mean(tab, x0, x_t, k) + var * g
+    mean = posterior_mean(tab, x0, x_t, k)
+    if g is not None:
+        mean = mean + var * g
     last = rearrange((k == 0).to(x_t.dtype), "b -> b" + " 1" * (x_t.ndim - 1))
     return mean + (1 - last) * (0.5 * log_var).exp() * noise, x0
 
@@ -103,30 +116,34 @@ def ddim_step(
     x_t: Tensor,
     k: Tensor,
     eps: Tensor,
-    g: Tensor,
-    noise: Tensor,
+    g: Tensor | None,
+    noise: Tensor | None,
     eta: float = 0.0,
     clip: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM step x_t → x_{t'} in score form: ε̂ = ε − √(1−ᾱ_t)·g.
 
-    Returns (x_{t'}, x̂_0); σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}).
+    Returns (x_{t'}, x̂_0); σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}). ``g=None`` means
+    unguided and ``noise=None`` means η = 0: both skip their terms (a static choice, so the
+    compiled graph does not carry them).
     """
     ab = at(tab["alphas_cumprod"], k, x_t)
     ab_prev = at(tab["alphas_cumprod_prev"], k, x_t)
     s1m = at(tab["sqrt_one_minus_alphas_cumprod"], k, x_t)
-    eps_hat = eps - s1m * g
+    eps_hat = eps if g is None else eps - s1m * g
     x0 = (x_t - s1m * eps_hat) / ab.sqrt()
     if clip:
         x0 = x0.clamp(-1, 1)
         eps_hat = (x_t - ab.sqrt() * x0) / s1m
+    if noise is None:
+        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps_hat, x0
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
     direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
     return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
 
 
 def ddim_invert_step(
-    tab: Tables, x: Tensor, k: Tensor, eps: Tensor, g: Tensor, clip: bool = False
+    tab: Tables, x: Tensor, k: Tensor, eps: Tensor, g: Tensor | None, clip: bool = False
 ) -> Tensor:
     """The deterministic DDIM update run forward: level ᾱ_{k−1} (1 before the first step) → ᾱ_k.
 
@@ -135,7 +152,7 @@ def ddim_invert_step(
     ab_cur = at(tab["alphas_cumprod_prev"], k, x)
     ab_next = at(tab["alphas_cumprod"], k, x)
     s1m = (1 - ab_cur).sqrt()
-    eps_hat = eps - s1m * g
+    eps_hat = eps if g is None else eps - s1m * g
     x0 = (x - s1m * eps_hat) / ab_cur.sqrt()
     if clip:
         x0 = x0.clamp(-1, 1)
@@ -160,7 +177,7 @@ __all__ = [
     "eps_from_x0",
     "posterior_mean",
     "model_mean",
-    "log_variance",
+    "variance",
     "ddpm_step",
     "ddim_step",
     "ddim_invert_step",

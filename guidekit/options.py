@@ -46,10 +46,10 @@ def parse_plugin_options(
 
 
 def describe_options(options: Sequence[click.Option]) -> str:
-    """``--name TYPE  help`` lines for a help epilog."""
+    """``--name TYPE: help (default D)`` lines for a help epilog."""
     lines = []
     for opt in options:
-        flag = "/".join(opt.opts)
-        default = "" if opt.default is None else f" [default: {opt.default}]"
-        lines.append(f"{flag}  {opt.help or ''}{default}")
+        flag = f"{'/'.join(opt.opts)} {opt.type.name.upper()}"
+        default = "" if opt.default is None else f" (default {opt.default})"
+        lines.append(f"{flag}: {(opt.help or '').rstrip('.')}{default}")
     return "\n".join(lines)

@@ -32,10 +32,10 @@ METRICS = "metrics.jsonl"
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-4
+    batch_size: int = 32
+    lr: float = 1e-3
     weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     grad_clip: float = 1.0
     bf16: bool = False
     compile: bool = False

@@ -138,6 +138,7 @@ def test_quickstart_fast(tmp_path, capsys):
     assert code == 0
     summary = json.loads(out)
     assert (tmp_path / "q" / "ddpm" / "config.json").exists()
-    assert (tmp_path / "q" / "ddpm" / "samples.png").exists()
+    assert (tmp_path / "q" / "ddpm" / "samples_ddpm.png").exists()
+    assert (tmp_path / "q" / "ddpm" / "samples_ddim.png").exists()
     assert "data:image/png;base64" in (tmp_path / "q" / "report.html").read_text()
     assert summary["steps"]["ddpm"]["metrics"]["steps"] == 30

@@ -11,7 +11,6 @@ from guidekit.data import (
     BUILTIN_DATASETS,
     COLOURS,
     ImageData,
-    iterate_batches,
     load_dataset,
     load_digits,
     load_image_folder,
@@ -246,47 +245,6 @@ def _tiny(n: int, labelled: bool = True) -> ImageData:
     return ImageData("tiny", images, labels, n if labelled else 0)
 
 
-def test_iterate_batches_covers_each_index_once() -> None:
-    data = _tiny(10)
-    seen = []
-    sizes = []
-    for images, labels in iterate_batches(
-        data, 3, torch.Generator().manual_seed(0), drop_last=False
-    ):
-        assert torch.equal(images[:, 0, 0, 0].long(), labels)
-        seen += labels.tolist()
-        sizes.append(len(labels))
-    assert sorted(seen) == list(range(10))
-    assert sizes == [3, 3, 3, 1]
-    dropped = list(iterate_batches(data, 3, torch.Generator().manual_seed(0)))
-    assert [len(x) for x, _ in dropped] == [3, 3, 3]
-
-
-def test_iterate_batches_resumes_from_generator_state() -> None:
-    data = _tiny(20, labelled=False)
-    gen = torch.Generator().manual_seed(123)
-    state = gen.get_state()
-    first = [x[:, 0, 0, 0].tolist() for x, y in iterate_batches(data, 4, gen)]
-    assert all(y is None for _, y in iterate_batches(data, 4, torch.Generator()))
-    gen.set_state(state)
-    again = [x[:, 0, 0, 0].tolist() for x, _ in iterate_batches(data, 4, gen)]
-    assert first == again
-    # The permutation is drawn at call time, so the next epoch differs.
-    third = [x[:, 0, 0, 0].tolist() for x, _ in iterate_batches(data, 4, gen)]
-    assert third != first
-
-
-def test_iterate_batches_validation() -> None:
-    with pytest.raises(GuidekitError, match="batch_size"):
-        iterate_batches(_tiny(4), 0, torch.Generator())
-    with pytest.raises(GuidekitError, match="larger than"):
-        iterate_batches(_tiny(4), 5, torch.Generator())
-
-
-# --------------------------------------------------------------------------- writing
-
-
-@pytest.mark.parametrize("channels", [1, 3])
 def test_save_image_grid_size(tmp_path, channels: int) -> None:
     images = torch.rand(7, channels, 5, 6) * 2 - 1
     path = save_image_grid(images, tmp_path / "out" / "grid.png")
