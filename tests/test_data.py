@@ -236,15 +236,10 @@ def test_load_dataset_unknown_name() -> None:
         load_dataset("digits", split="val")
 
 
-# --------------------------------------------------------------------------- batching
+# --------------------------------------------------------------------------- image writing
 
 
-def _tiny(n: int, labelled: bool = True) -> ImageData:
-    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
-    labels = torch.arange(n) if labelled else None
-    return ImageData("tiny", images, labels, n if labelled else 0)
-
-
+@pytest.mark.parametrize("channels", [1, 3])
 def test_save_image_grid_size(tmp_path, channels: int) -> None:
     images = torch.rand(7, channels, 5, 6) * 2 - 1
     path = save_image_grid(images, tmp_path / "out" / "grid.png")
