@@ -175,3 +175,11 @@ def test_p2_weighting_is_recorded_and_used(tmp_path):
     w = weighting_table("p2", sched, {"p2_gamma": 1.0, "p2_k": 1.0})
     assert w[0] < w[-1]  # the clean-up stage (high SNR, small t) gets the least weight
     assert read_checkpoint(out).config["weighting"] == {"name": "uniform", "options": {}}
+
+
+def test_bf16_autocast_trains_and_saves_float32(tmp_path):
+    out = make_tiny_dpm(tmp_path / "bf16", steps=2, bf16=True)
+    ck = read_checkpoint(out)
+    assert ck.config["train"]["bf16"] is True
+    weights = ck.tensors("model")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
