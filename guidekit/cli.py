@@ -127,7 +127,14 @@ def build_app() -> typer.Typer:
                 epilog=plugin_options_help("guidance", reg.specs["guidance"]))(sample_command)
     app.command("plugins")(plugins_command)
     app.command("quickstart")(quickstart_command)
-    get_manager().hook.guidekit_commands.call_historic(kwargs={"cli": app})
+    # Each plugin's commands on their own, so one broken plugin costs only its commands.
+    for impl in get_manager().hook.guidekit_commands.get_hookimpls():
+        try:
+            impl.function(cli=app)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            err.print(f"guidekit: plugin '{impl.plugin_name}' could not add its commands: "
+                      f"{reason}", highlight=False, markup=False, soft_wrap=True)
     return app
 
 

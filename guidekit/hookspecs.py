@@ -84,12 +84,13 @@ def guidekit_datasets() -> list[DatasetSpec]:
     """
 
 
-@hookspec(historic=True)
+@hookspec
 def guidekit_commands(cli: typer.Typer) -> None:
     """Add top-level CLI commands or groups to ``cli`` (a ``typer.Typer``).
 
-    Historic: a plugin registered after the CLI was built still gets the call. Add a group
-    with ``cli.add_typer(sub, name="mymethod")`` or a command with ``@cli.command()``.
+    Called once per plugin while the CLI is built; a plugin whose hook raises is reported in
+    one line and only its commands are missing. Add a group with
+    ``cli.add_typer(sub, name="mymethod")`` or a command with ``@cli.command()``.
     """
 
 

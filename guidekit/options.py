@@ -49,7 +49,10 @@ def describe_options(options: Sequence[click.Option]) -> str:
     """``--name TYPE: help (default D)`` lines for a help epilog."""
     lines = []
     for opt in options:
-        flag = f"{'/'.join(opt.opts)} {opt.type.name.upper()}"
-        default = "" if opt.default is None else f" (default {opt.default})"
-        lines.append(f"{flag}: {(opt.help or '').rstrip('.')}{default}")
+        flag = "/".join(opt.opts) + ("" if opt.is_flag else f" {opt.type.name.upper()}")
+        default = opt.default
+        shown = default is not None and not opt.is_flag and default not in ((), [], "")
+        shown = shown and "UNSET" not in str(default)  # click's sentinel for "no default"
+        lines.append(f"{flag}: {(opt.help or '').rstrip('.')}"
+                     + (f" (default {default})" if shown else ""))
     return "\n".join(lines)

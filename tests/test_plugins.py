@@ -225,3 +225,10 @@ def test_guidekit_quickstart_steps_run_in_order(fresh_plugins, tmp_path, monkeyp
     assert json.loads((tmp_path / "summary.json").read_text())["steps"]["b"]["metrics"] == {
         "x": 1.5
     }
+
+
+def test_guidekit_commands_failure_costs_only_that_plugin():
+    env = {"PYTHONPATH": str(FIXTURES), "GUIDEKIT_PLUGINS": "p2,gk_toward,gk_bad_commands"}
+    res = _cli(["hello-toward"], env)
+    assert res.returncode == 0 and "hello from toward" in res.stdout
+    assert "plugin 'gk_bad_commands' could not add its commands: ImportError" in res.stderr

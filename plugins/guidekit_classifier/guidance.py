@@ -1,0 +1,114 @@
+"""Classifier guidance (Dhariwal & Nichol 2021): g = ∇_{x_t} log p_φ(y | x_t, t).
+
+The engine folds g in as the mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g) and
+applies the scale and any ``--guidance-schedule``; this module only supplies g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import click
+import torch
+from torch import Tensor
+
+from guidekit.errors import GuidekitError
+from guidekit.guidance import StepInput
+from guidekit.specs import GuidanceContext
+
+from .training import KIND, check_compatible, load_classifier
+
+MISSING_CLASSIFIER = (
+    "--guidance classifier needs --classifier PATH "
+    "(train one with `guidekit train classifier`)"
+)
+
+
+class ClassifierGuidance:
+    """∇_{x_t} log softmax(classifier(x_t, t))[y] for each sample's class y.
+
+    ``classifier`` maps (x, t) to logits (B, K) for any x shape; ``classes`` is (B,) long.
+    """
+
+    def __init__(self, classifier: Callable[[Tensor, Tensor], Tensor], classes: Tensor) -> None:
+        if classes.ndim != 1:
+            raise GuidekitError(f"classes must have shape (B,), got {tuple(classes.shape)}")
+        self.classifier = classifier
+        self.classes = classes.long()
+
+    def __call__(self, inp: StepInput) -> Tensor:
+        x_t = inp.x_t
+        if x_t.shape[0] != self.classes.shape[0]:
+            raise GuidekitError(f"classifier guidance was built for {self.classes.shape[0]} "
+                                f"samples but got a batch of {x_t.shape[0]}")
+        y = self.classes.to(x_t.device)
+        # Sampling runs under no_grad: differentiate a detached leaf copy of x_t. Samples are
+        # independent, so one backward of the summed log-probs gives every sample's gradient.
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            log_p = torch.log_softmax(self.classifier(x, inp.t).float(), dim=-1)
+            selected = log_p.gather(1, y[:, None]).sum()
+            (g,) = torch.autograd.grad(selected, x)
+        return g.to(x_t.dtype)
+
+
+def classes_for(
+    n: int, num_classes: int, classes: Sequence[int] | None, per_row: bool
+) -> Tensor:
+    """The (n,) class of every sample.
+
+    - ``classes`` with one value: that class for all;
+    - several values: cycled in order (their number must equal or divide ``n``);
+    - ``per_row``: class r for the r-th block of n // num_classes consecutive samples.
+    """
+    classes = list(classes or ())
+    if per_row and classes:
+        raise GuidekitError("give --class or --class-per-row, not both")
+    if per_row:
+        if n % num_classes:
+            raise GuidekitError(
+                f"--class-per-row needs the number of samples to be a multiple of the "
+                f"{num_classes} classes, got --n {n}"
+            )
+        return torch.arange(num_classes).repeat_interleave(n // num_classes)
+    if not classes:
+        raise GuidekitError("choose the class to guide toward: --class N (repeatable) or "
+                            "--class-per-row")
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise GuidekitError(f"class {c} is out of range: the classifier knows classes "
+                                f"0..{num_classes - 1}")
+    if n % len(classes):
+        raise GuidekitError(
+            f"{len(classes)} classes do not divide the {n} samples: give one --class, one per "
+            f"sample, or a number of classes that divides --n"
+        )
+    return torch.tensor(classes, dtype=torch.long).repeat(n // len(classes))
+
+
+def build_classifier_guidance(ctx: GuidanceContext) -> ClassifierGuidance:
+    """Build from ``--classifier PATH`` and ``--class``/``--class-per-row`` (the
+    ``classifier`` guidance of ``guidekit sample``)."""
+    path = ctx.options.get("classifier")
+    if not path:
+        raise GuidekitError(MISSING_CLASSIFIER)
+    clf = load_classifier(Path(path), KIND, ctx.device)
+    check_compatible(clf, ctx.dpm_config)
+    classes = classes_for(
+        ctx.num_samples, clf.num_classes, ctx.options.get("class_") or None,
+        bool(ctx.options.get("class_per_row")),
+    )
+    return ClassifierGuidance(clf.model, classes.to(ctx.device))
+
+
+def guidance_options() -> list[click.Option]:
+    """The ``guidekit sample`` options of ``--guidance classifier``."""
+    return [
+        click.Option(["--classifier"], type=str, default=None,
+                     help="A classifier checkpoint (`guidekit train classifier`)."),
+        click.Option(["--class", "class_"], type=int, multiple=True, default=(),
+                     help="Class to guide toward (repeat to cycle through several)."),
+        click.Option(["--class-per-row"], is_flag=True, default=False,
+                     help="One class per block of n / num_classes samples (a class grid)."),
+    ]

@@ -1,0 +1,226 @@
+"""``guidekit eval guidance`` and its Python API on tiny models: the numbers it reports are the
+ones a hand computation on its samples gives, its files are written, its mistakes are one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from guidekit_classifier.evaluate import (
+    diversity,
+    evaluate_guidance,
+    parse_scales,
+    plot_sweep,
+    quickstart_guidance,
+)
+from guidekit_classifier.training import (
+    JUDGE_KIND,
+    KIND,
+    default_config,
+    load_classifier,
+    predict,
+    train_classifier,
+    train_judge,
+)
+from PIL import Image
+from test_cli import one_line_error, run
+
+from guidekit.data import load_dataset
+from guidekit.ddpm import load_dpm
+from guidekit.errors import GuidekitError
+from guidekit.sampling import GuidanceRequest, sample
+from guidekit.specs import QuickstartContext
+from guidekit.training import TrainConfig
+
+TINY = dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(), num_heads=1)
+PER_CLASS = 2
+
+
+def tiny_train(steps: int = 2) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=16, log_every=1, save_every=steps)
+
+
+def tiny_judge(out: Path, image_size: int | None = None) -> Path:
+    data = load_dataset("digits", "train", image_size)
+    train_judge(data, out, model=default_config(data, **TINY), config=tiny_train(),
+                progress=False, test=load_dataset("digits", "test", image_size))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dpm, tmp_path_factory) -> dict[str, Path]:
+    """The tiny DPM (T = 100) with a tiny classifier on its schedule and a tiny judge."""
+    root = tmp_path_factory.mktemp("clf_eval")
+    data, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    train_classifier(data, root / "classifier", dpm=tiny_dpm,
+                     model=default_config(data, **TINY), config=tiny_train(), progress=False,
+                     test=test)
+    return {"ddpm": tiny_dpm, "classifier": root / "classifier",
+            "judge": tiny_judge(root / "judge")}
+
+
+@pytest.fixture(scope="module")
+def loaded(models):
+    return (load_dpm(models["ddpm"]), load_classifier(models["classifier"], KIND),
+            load_classifier(models["judge"], JUDGE_KIND))
+
+
+def test_rows_match_a_hand_computation(models, loaded):
+    dpm, clf, judge = loaded
+    res = evaluate_guidance(dpm, clf, judge, [0, 3.0], steps=3, per_class=PER_CLASS, seed=1)
+    rows = res["scales"]
+    assert [r["scale"] for r in rows] == [0.0, 3.0]
+    assert res["best_scale"] in (0.0, 3.0)
+    classes = torch.arange(10).repeat_interleave(PER_CLASS)
+    assert torch.equal(res["classes"], classes)
+    for r, x in zip(rows, res["samples"], strict=True):
+        assert x.shape == (10 * PER_CLASS, 1, 16, 16)
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["confidence"] <= 1 and r["diversity"] >= 0
+        # accuracy and confidence from the judge's probabilities, by hand
+        p = predict(judge, x, 0)
+        hits = [int(p[i].argmax()) == int(classes[i]) for i in range(len(x))]
+        assert r["accuracy"] == pytest.approx(sum(hits) / len(x))
+        conf = [float(p[i, classes[i]]) for i in range(len(x))]
+        assert r["confidence"] == pytest.approx(sum(conf) / len(x), abs=1e-6)
+    # diversity by explicit loops: mean over classes of the mean distance over pairs i < j
+    x = res["samples"][1]
+    per_class = []
+    for c in range(10):
+        idx = [i for i in range(len(x)) if int(classes[i]) == c]
+        d = [float((x[i] - x[j]).double().pow(2).sum().sqrt())
+             for a, i in enumerate(idx) for j in idx[a + 1:]]
+        per_class.append(sum(d) / len(d))
+    assert rows[1]["diversity"] == pytest.approx(sum(per_class) / 10, rel=1e-9)
+    assert diversity(x, classes) == rows[1]["diversity"]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samples_are_those_of_guidekit_sample(models, loaded, sampler):
+    """Scale 0 is unguided sampling; scale s is `guidekit sample --guidance classifier
+    --class-per-row --scale s` with the same seed and steps."""
+    dpm, clf, judge = loaded
+    res = evaluate_guidance(dpm, clf, judge, [0, 2.0], sampler=sampler, steps=3,
+                            per_class=PER_CLASS, seed=2)
+    n = 10 * PER_CLASS
+    unguided = sample(dpm, n, sampler=sampler, steps=3, seed=2)
+    request = GuidanceRequest("classifier", 2.0, "constant",
+                              {"classifier": str(models["classifier"]), "class_per_row": True})
+    guided = sample(dpm, n, sampler=sampler, steps=3, seed=2, guidance=[request])
+    torch.testing.assert_close(res["samples"][0], unguided)
+    torch.testing.assert_close(res["samples"][1], guided)
+    assert not torch.equal(res["samples"][0], res["samples"][1])
+
+
+def test_cli_writes_plot_and_grid(models, tmp_path, capsys):
+    out = tmp_path / "ev"
+    code, stdout, _ = run(
+        capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
+        str(models["classifier"]), "--judge", str(models["judge"]), "--scales", "0,1",
+        "--sampler", "ddpm", "--steps", "2", "--per-class", str(PER_CLASS),
+        "--guidance-schedule", "t:0:50", "--out-dir", str(out), "--json",
+    )
+    assert code == 0
+    res = json.loads(stdout)
+    assert res["sampler"] == "ddpm" and res["steps"] == 2
+    assert [r["scale"] for r in res["scales"]] == [0.0, 1.0]
+    assert set(res["scales"][0]) >= {"scale", "accuracy", "confidence", "diversity"}
+    assert Path(res["plot"]) == out / "sweep.png" and Path(res["grid"]).parent == out
+    with Image.open(res["plot"]) as im:
+        assert im.format == "PNG"
+    with Image.open(res["grid"]) as im:  # one row per class, per_class images per row
+        cell = 16 * 4 + 1
+        assert im.size == (PER_CLASS * cell + 1, 10 * cell + 1)
+
+
+def test_cli_table_and_default_out_dir(models, tmp_path, capsys):
+    clf = tmp_path / "clf"
+    shutil.copytree(models["classifier"], clf)  # the default out dir goes beside the classifier
+    code, stdout, _ = run(
+        capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
+        str(clf), "--judge", str(models["judge"]), "--scales", "0", "--steps", "2",
+        "--per-class", "2",
+    )
+    assert code == 0
+    assert "accuracy" in stdout and "diversity" in stdout
+    assert (clf / "eval_ddim" / "sweep.png").is_file()
+    assert (clf / "eval_ddim" / "best_grid.png").is_file()
+
+
+def test_judge_must_not_be_the_guide(models, capsys):
+    code, _, err = run(
+        capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
+        str(models["classifier"]), "--judge", str(models["classifier"]) + "/",
+    )
+    one_line_error(code, err, "the judge must not be the guiding classifier")
+
+
+@pytest.mark.parametrize("text", ["", "0,x", "1,,nan", "inf"])
+def test_bad_scales(models, capsys, text):
+    code, _, err = run(
+        capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
+        str(models["classifier"]), "--judge", str(models["judge"]), "--scales", text,
+    )
+    one_line_error(code, err, "--scales")
+
+
+def test_parse_scales():
+    assert parse_scales(" 0, 1.5,8 ") == [0.0, 1.5, 8.0]
+
+
+def test_judge_of_another_image_size(models, tmp_path, capsys):
+    judge8 = tiny_judge(tmp_path / "judge8", image_size=8)
+    code, _, err = run(
+        capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
+        str(models["classifier"]), "--judge", str(judge8), "--steps", "1",
+    )
+    one_line_error(code, err, "judge", "1x8x8", "1x16x16")
+
+
+def test_api_errors(loaded):
+    dpm, clf, judge = loaded
+    with pytest.raises(GuidekitError, match="per-class"):
+        evaluate_guidance(dpm, clf, judge, [1.0], per_class=1)
+    with pytest.raises(GuidekitError, match="sampler"):
+        evaluate_guidance(dpm, clf, judge, [1.0], sampler="euler")
+    with pytest.raises(GuidekitError, match="judge must not"):
+        evaluate_guidance(dpm, clf, clf, [1.0])
+
+
+def test_plot_sweep_takes_one_or_several_sweeps(tmp_path):
+    rows = [{"scale": s, "accuracy": a, "confidence": a / 2, "diversity": 5 - s}
+            for s, a in [(0, 0.1), (2, 0.6), (4, 0.9)]]
+    for path, arg in [(tmp_path / "one.png", rows),
+                      (tmp_path / "two.png", {"DDIM-50": rows, "DDPM-100": rows[::-1]})]:
+        assert plot_sweep(arg, path) == path
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_quickstart_step_fast(models, tmp_path):
+    """The quickstart step on the checkpoints earlier steps leave (tiny ones here)."""
+    for name in ("ddpm", "judge", "classifier"):
+        shutil.copytree(models[name], tmp_path / name)
+    report = quickstart_guidance(QuickstartContext(out=tmp_path, seed=0, fast=True,
+                                                   progress=False))
+    assert len(report.tables) == 2
+    for rows in report.tables.values():
+        assert len(rows) == 1 and 0 <= rows[0]["accuracy"] <= 1
+    assert [p.name for p in report.images] == ["guidance_sweep.png", "guided_ddim.png",
+                                               "guided_ddpm.png"]
+    assert all(p.is_file() and p.parent == tmp_path / "classifier" for p in report.images)
+    assert {"ddim_best_accuracy", "ddpm_best_accuracy", "seconds"} <= set(report.metrics)
+
+
+@pytest.mark.slow
+def test_quickstart_fast_end_to_end(tmp_path):
+    """`guidekit quickstart --fast` runs every step, this one included, into the report."""
+    from guidekit.quickstart import run_quickstart
+
+    summary = run_quickstart(tmp_path, fast=True, progress=False)
+    step = summary["steps"]["guidance"]
+    assert len(step["tables"]) == 2 and len(step["images"]) == 3
+    assert "Guidance scale sweep" in (tmp_path / "report.html").read_text()
