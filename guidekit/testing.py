@@ -38,3 +38,27 @@ def make_tiny_dpm(
         progress=False,
     )
     return Path(out)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``guidekit ARGS`` in-process; returns (exit status, stdout, stderr) via pytest's
+    ``capsys``."""
+    from guidekit.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A user mistake: exit status 2 and one ``error: …`` line holding every needle."""
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

@@ -24,7 +24,6 @@ from guidekit_classifier.training import (
 )
 from torch import Tensor
 
-from guidekit.cli import main
 from guidekit.data import ImageData, load_dataset
 from guidekit.ddpm import load_dpm
 from guidekit.errors import CheckpointError, GuidekitError
@@ -32,27 +31,9 @@ from guidekit.guidance import StepInput
 from guidekit.plugins import get_registry
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
+from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
 from guidekit.unet import ClassifierConfig
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
 
 TINY = dict(model_channels=8, channel_mult=(1, 2, 2), attention_resolutions=(), num_heads=1)
 
@@ -220,20 +201,20 @@ def test_train_errors(digits, tiny_dpm, tmp_path):
 def test_train_cli_json(tiny_dpm, tmp_path, capsys):
     tiny = ["--steps", "2", "--batch-size", "8", "--model-channels", "8", "--channel-mult",
             "1,2", "--num-heads", "1", "--json"]
-    code, out, err = run(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--out",
+    code, out, err = run_cli(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--out",
                          str(tmp_path / "c"), *tiny)
     assert code == 0, err
     res = json.loads(out)
     assert res["steps"] == 2 and len(res["accuracy_by_t"]) == 10
     assert (tmp_path / "c" / ACCURACY_FILE).exists()
-    code, out, err = run(capsys, "train", "judge", "--out", str(tmp_path / "j"), *tiny)
+    code, out, err = run_cli(capsys, "train", "judge", "--out", str(tmp_path / "j"), *tiny)
     assert code == 0, err
     assert 0 <= json.loads(out)["test_accuracy"] <= 1
-    code, _, err = run(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--timesteps",
+    code, _, err = run_cli(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--timesteps",
                        "100", "--out", str(tmp_path / "x"))
-    one_line_error(code, err, "drop --schedule/--timesteps")
-    code, _, err = run(capsys, "train", "judge", "--out", str(tmp_path / "x"), "--bogus", "1")
-    one_line_error(code, err, "unexpected argument(s): --bogus 1")
+    assert_one_line_error(code, err, "drop --schedule/--timesteps")
+    code, _, err = run_cli(capsys, "train", "judge", "--out", str(tmp_path / "x"), "--bogus", "1")
+    assert_one_line_error(code, err, "unexpected argument(s): --bogus 1")
 
 
 # --------------------------------------------------------------------------- sampling
@@ -246,7 +227,7 @@ def test_train_cli_json(tiny_dpm, tmp_path, capsys):
      "--guidance-schedule", "snr:0.01:"],
 ])
 def test_sample_cli_with_classifier_guidance(tiny_dpm, tiny_clf, tmp_path, capsys, args):
-    code, out, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
                          "classifier", "--classifier", str(tiny_clf[0]), "--out",
                          str(tmp_path / "g.png"), "--json", *args)
     assert code == 0, err
@@ -276,10 +257,10 @@ def test_mismatched_classifier_is_a_one_line_error(tiny_dpm, digits, tmp_path, c
     ]
     for i, (data, schedule, needles) in enumerate(cases):
         clf = _train_variant(tmp_path, data, schedule, f"clf{i}")
-        code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
+        code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
                            "--guidance", "classifier", "--classifier", str(clf), "--class", "1",
                            "--out", str(tmp_path / "g.png"))
-        one_line_error(code, err, *needles)
+        assert_one_line_error(code, err, *needles)
 
 
 @pytest.mark.parametrize("extra, needles", [
@@ -290,20 +271,20 @@ def test_mismatched_classifier_is_a_one_line_error(tiny_dpm, digits, tmp_path, c
 ])
 def test_bad_guidance_options_are_one_line_errors(tiny_dpm, tiny_clf, tmp_path, capsys, extra,
                                                   needles):
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
                        "--guidance", "classifier", "--classifier", str(tiny_clf[0]), *extra,
                        "--out", str(tmp_path / "g.png"))
-    one_line_error(code, err, *needles)
+    assert_one_line_error(code, err, *needles)
 
 
 def test_guidance_without_classifier_path(tiny_dpm, tmp_path, capsys):
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
                        "classifier", "--class", "3", "--out", str(tmp_path / "g.png"))
-    one_line_error(code, err, "--guidance classifier needs --classifier PATH",
+    assert_one_line_error(code, err, "--guidance classifier needs --classifier PATH",
                    "guidekit train classifier")
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--class", "3",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--class", "3",
                        "--out", str(tmp_path / "g.png"))
-    one_line_error(code, err, "unexpected argument")
+    assert_one_line_error(code, err, "unexpected argument")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])

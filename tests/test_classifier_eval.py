@@ -27,13 +27,13 @@ from guidekit_classifier.training import (
     train_judge,
 )
 from PIL import Image
-from test_cli import one_line_error, run
 
 from guidekit.data import load_dataset
 from guidekit.ddpm import load_dpm
 from guidekit.errors import GuidekitError
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.specs import QuickstartContext
+from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
 
 TINY = dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(), num_heads=1)
@@ -117,7 +117,7 @@ def test_samples_are_those_of_guidekit_sample(models, loaded, sampler):
 
 def test_cli_writes_plot_and_grid(models, tmp_path, capsys):
     out = tmp_path / "ev"
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(models["classifier"]), "--judge", str(models["judge"]), "--scales", "0,1",
         "--sampler", "ddpm", "--steps", "2", "--per-class", str(PER_CLASS),
@@ -139,7 +139,7 @@ def test_cli_writes_plot_and_grid(models, tmp_path, capsys):
 def test_cli_table_and_default_out_dir(models, tmp_path, capsys):
     clf = tmp_path / "clf"
     shutil.copytree(models["classifier"], clf)  # the default out dir goes beside the classifier
-    code, stdout, _ = run(
+    code, stdout, _ = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(clf), "--judge", str(models["judge"]), "--scales", "0", "--steps", "2",
         "--per-class", "2",
@@ -151,20 +151,20 @@ def test_cli_table_and_default_out_dir(models, tmp_path, capsys):
 
 
 def test_judge_must_not_be_the_guide(models, capsys):
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(models["classifier"]), "--judge", str(models["classifier"]) + "/",
     )
-    one_line_error(code, err, "the judge must not be the guiding classifier")
+    assert_one_line_error(code, err, "the judge must not be the guiding classifier")
 
 
 @pytest.mark.parametrize("text", ["", "0,x", "1,,nan", "inf"])
 def test_bad_scales(models, capsys, text):
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(models["classifier"]), "--judge", str(models["judge"]), "--scales", text,
     )
-    one_line_error(code, err, "--scales")
+    assert_one_line_error(code, err, "--scales")
 
 
 def test_parse_scales():
@@ -173,11 +173,11 @@ def test_parse_scales():
 
 def test_judge_of_another_image_size(models, tmp_path, capsys):
     judge8 = tiny_judge(tmp_path / "judge8", image_size=8)
-    code, _, err = run(
+    code, _, err = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(models["classifier"]), "--judge", str(judge8), "--steps", "1",
     )
-    one_line_error(code, err, "judge", "1x8x8", "1x16x16")
+    assert_one_line_error(code, err, "judge", "1x8x8", "1x16x16")
 
 
 def test_api_errors(loaded):

@@ -8,30 +8,11 @@ import shutil
 import pytest
 from PIL import Image
 
-from guidekit.cli import main
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from guidekit.testing import assert_one_line_error, run_cli
 
 
 def test_sample_writes_grid_and_files(tiny_dpm, tmp_path, capsys):
-    code, out, _ = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "4", "--n",
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "4", "--n",
                        "6", "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"),
                        "--json")
     assert code == 0
@@ -43,53 +24,53 @@ def test_sample_writes_grid_and_files(tiny_dpm, tmp_path, capsys):
 
 
 def test_sample_ddpm_and_respacing(tiny_dpm, tmp_path, capsys):
-    code, out, _ = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "ddpm",
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "ddpm",
                        "--respacing", "3,2", "--n", "2", "--out", str(tmp_path / "g.png"),
                        "--json")
     assert code == 0 and json.loads(out)["n"] == 2
 
 
 def test_unknown_guidance(tiny_dpm, tmp_path, capsys):
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "nope",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "nope",
                        "--out", str(tmp_path / "g.png"))
-    one_line_error(code, err, "unknown guidance 'nope'", "guidekit plugins")
+    assert_one_line_error(code, err, "unknown guidance 'nope'", "guidekit plugins")
 
 
 def test_unknown_weighting(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "ddpm", "--weighting", "p3", "--out",
+    code, _, err = run_cli(capsys, "train", "ddpm", "--weighting", "p3", "--out",
                        str(tmp_path / "x"))
-    one_line_error(code, err, "unknown weighting 'p3'", "p2", "uniform")
+    assert_one_line_error(code, err, "unknown weighting 'p3'", "p2", "uniform")
 
 
 def test_weighting_option_without_that_weighting(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "ddpm", "--p2-gamma", "1", "--out", str(tmp_path / "x"))
-    one_line_error(code, err, "--p2-gamma")
+    code, _, err = run_cli(capsys, "train", "ddpm", "--p2-gamma", "1", "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "--p2-gamma")
 
 
 def test_unknown_dataset(tmp_path, capsys):
-    code, _, err = run(capsys, "train", "ddpm", "--data", "mnist-nope", "--out",
+    code, _, err = run_cli(capsys, "train", "ddpm", "--data", "mnist-nope", "--out",
                        str(tmp_path / "x"))
-    one_line_error(code, err, "unknown dataset 'mnist-nope'", "digits")
+    assert_one_line_error(code, err, "unknown dataset 'mnist-nope'", "digits")
 
 
 def test_empty_image_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code, _, err = run(capsys, "train", "ddpm", "--data", str(tmp_path / "empty"), "--out",
+    code, _, err = run_cli(capsys, "train", "ddpm", "--data", str(tmp_path / "empty"), "--out",
                        str(tmp_path / "x"))
-    one_line_error(code, err, "no images found")
+    assert_one_line_error(code, err, "no images found")
 
 
 def test_unreadable_image_folder(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
-    code, _, err = run(capsys, "train", "ddpm", "--data", str(tmp_path / "bad"), "--out",
+    code, _, err = run_cli(capsys, "train", "ddpm", "--data", str(tmp_path / "bad"), "--out",
                        str(tmp_path / "x"))
-    one_line_error(code, err, "cannot read image", "a.png")
+    assert_one_line_error(code, err, "cannot read image", "a.png")
 
 
 def test_missing_checkpoint(tmp_path, capsys):
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "none"))
-    one_line_error(code, err, "no checkpoint at")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "no checkpoint at")
 
 
 def test_wrong_kind_checkpoint(tiny_dpm, tmp_path, capsys):
@@ -98,8 +79,8 @@ def test_wrong_kind_checkpoint(tiny_dpm, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     cfg["kind"] = "judge"
     (out / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run(capsys, "sample", "--checkpoint", str(out))
-    one_line_error(code, err, "is a 'judge' checkpoint")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(out))
+    assert_one_line_error(code, err, "is a 'judge' checkpoint")
 
 
 def test_wrong_shape_checkpoint(tiny_dpm, tmp_path, capsys):
@@ -108,19 +89,19 @@ def test_wrong_shape_checkpoint(tiny_dpm, tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     cfg["model"]["config"]["channel_mult"] = [1, 4]
     (out / "config.json").write_text(json.dumps(cfg))
-    code, _, err = run(capsys, "sample", "--checkpoint", str(out))
-    one_line_error(code, err, "do not match")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(out))
+    assert_one_line_error(code, err, "do not match")
 
 
 def test_bad_sampler_and_scale_mismatch(tiny_dpm, tmp_path, capsys):
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "euler")
-    one_line_error(code, err, "unknown sampler 'euler'")
-    code, _, err = run(capsys, "sample", "--checkpoint", str(tiny_dpm), "--scale", "2")
-    one_line_error(code, err, "--guidance")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "euler")
+    assert_one_line_error(code, err, "unknown sampler 'euler'")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--scale", "2")
+    assert_one_line_error(code, err, "--guidance")
 
 
 def test_train_ddpm_cli_json(tmp_path, capsys):
-    code, out, _ = run(capsys, "train", "ddpm", "--out", str(tmp_path / "d"), "--steps", "2",
+    code, out, _ = run_cli(capsys, "train", "ddpm", "--out", str(tmp_path / "d"), "--steps", "2",
                        "--batch-size", "8", "--model-channels", "8", "--channel-mult", "1,2",
                        "--attention", "", "--timesteps", "50", "--samples", "4",
                        "--weighting", "p2", "--p2-gamma", "0.5", "--json")
@@ -134,7 +115,7 @@ def test_train_ddpm_cli_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_fast(tmp_path, capsys):
-    code, out, _ = run(capsys, "quickstart", "--out", str(tmp_path / "q"), "--fast", "--json")
+    code, out, _ = run_cli(capsys, "quickstart", "--out", str(tmp_path / "q"), "--fast", "--json")
     assert code == 0
     summary = json.loads(out)
     assert (tmp_path / "q" / "ddpm" / "config.json").exists()
