@@ -19,7 +19,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from guidekit import distributed
 from guidekit.checkpoint import load_weights, read_checkpoint, save_checkpoint, strip_prefix
@@ -116,6 +116,25 @@ def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, Tensor], meta: d
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def ema_decay_at(decay: float, n_averaged: int) -> float:
+    """The EMA decay of update number ``n_averaged``: min(decay, (1+n)/(10+n)).
+
+    The warm-up keeps short runs from averaging in their random initial weights: with a flat
+    0.99 over 200 steps, 13% of a model would still be its initialisation.
+    """
+    return min(decay, (1 + n_averaged) / (10 + n_averaged))
+
+
+def ema_update(decay: float):
+    """``multi_avg_fn`` for :class:`AveragedModel`: ema ← ema + (1−d)(param − ema)."""
+
+    @torch.no_grad()
+    def update(ema_params: list[Tensor], params: list[Tensor], n_averaged: Tensor) -> None:
+        torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(decay, int(n_averaged)))
+
+    return update
+
+
 def fit(
     task: Task,
     data: ImageData,
@@ -134,7 +153,7 @@ def fit(
         )
     nets = {k: m.to(info.device) for k, m in task.trainable().items()}
     ema = {
-        k: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        k: AveragedModel(m, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
         for k, m in nets.items()
     }
     params = [p for m in nets.values() for p in m.parameters() if p.requires_grad]

@@ -70,12 +70,12 @@ def test_crash_while_writing_weights_keeps_last_checkpoint(tmp_path, monkeypatch
     real = ckpt_mod.save_file
     calls = []
 
-    def flaky(tensors, filename):
+    def flaky(tensors, filename, metadata=None):
         calls.append(filename)
         if len(calls) == 2:  # die while writing the second file of the next save
             Path(filename).write_bytes(b"partial")
             raise OSError("disk full")
-        real(tensors, filename)
+        real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(ckpt_mod, "save_file", flaky)
     with pytest.raises(OSError, match="disk full"):
@@ -183,3 +183,14 @@ def test_bf16_autocast_trains_and_saves_float32(tmp_path):
     assert ck.config["train"]["bf16"] is True
     weights = ck.tensors("model")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_ema_warms_up_before_reaching_its_decay():
+    from guidekit.training import ema_decay_at, ema_update
+
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 10) == pytest.approx(11 / 20)
+    assert ema_decay_at(0.99, 10_000) == 0.99
+    ema, new = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(0.99)(ema, new, torch.tensor(1))  # second update: d = 2/11
+    torch.testing.assert_close(ema[0], torch.full((3,), 9 / 11))

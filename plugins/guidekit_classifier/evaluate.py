@@ -278,7 +278,7 @@ def guidance_command(
 # Measured on two CPU cores (quickstart DDPM, classifier and judge; 10 per class): DDPM-100
 # is at 96-98% judged accuracy from scale 4, DDIM-50 needs 16-32 for 90-95%. With 4 per class
 # the step takes about 60 s.
-QS_RUNS = (("ddim", 50, (0.0, 4.0, 16.0, 32.0)), ("ddpm", 100, (0.0, 2.0, 4.0, 8.0)))
+QS_RUNS = (("ddim", 50, (0.0, 4.0, 8.0, 16.0)), ("ddpm", 100, (0.0, 2.0, 4.0, 8.0)))
 QS_PER_CLASS = 4
 
 
