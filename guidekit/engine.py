@@ -8,6 +8,7 @@ in (DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from rich.progress import track
@@ -17,6 +18,7 @@ from guidekit import ops
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm, StepInput, compose
 from guidekit.schedule import NoiseSchedule
+from guidekit.unet import UNet
 
 VARIANCES = ("small", "large")
 
@@ -64,16 +66,26 @@ class Sampler:
             self.schedule.to(x.device)
         return self.schedule.tables
 
-    def predict(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None]:
-        """ε and, if the model learns Σ, its variance values; the model sees original t."""
-        out = self.model(x, self.schedule.timesteps[k])
+    def predict(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None, Any]:
+        """ε, the variance values if the model learns Σ (else None), and the model's features.
+
+        The model sees original timesteps. A model with ``down``/``middle_up`` (the UNet) runs
+        in those two halves so guidances can reuse its down-path features (PDAE does).
+        """
+        t = self.schedule.timesteps[k]
+        features = None
+        if isinstance(self.model, UNet):
+            features = self.model.down(x, t)
+            out = self.model.middle_up(features)
+        else:
+            out = self.model(x, t)
         if out.shape[1] == 2 * x.shape[1]:
             eps, v = out.chunk(2, dim=1)
-            return eps, v
-        return out, None
+            return eps, v, features
+        return out, None, features
 
     def _guide(
-        self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor
+        self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor, features: Any
     ) -> Tensor | None:
         """Σ_i s_i·w_i(t)·g_i, or None when unguided (the step ops then skip the shift)."""
         if not terms:
@@ -87,6 +99,7 @@ class Sampler:
             x0=ops.predict_x0(tab, x, k, eps),
             schedule=self.schedule,
             model=self.model,
+            features=features,
         )
         return compose(list(terms), inp)
 
@@ -117,8 +130,8 @@ class Sampler:
             range(self.num_steps - 1, -1, -1), "DDPM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, v = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps)
+            eps, v, features = self.predict(x, k)
+            g = self._guide(guidance, x, k, eps, features)
             var, log_var = ops.variance(
                 tab, k, x, "learned" if v is not None else self.variance, v
             )
@@ -147,8 +160,8 @@ class Sampler:
             range(self.num_steps - 1, -1, -1), "DDIM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, _ = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps)
+            eps, _, features = self.predict(x, k)
+            g = self._guide(guidance, x, k, eps, features)
             noise = (
                 torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if eta > 0
@@ -175,7 +188,7 @@ class Sampler:
         for i in track(range(self.num_steps), "DDIM inversion", disable=not progress):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             k_eval = (k - 1).clamp(min=0)
-            eps, _ = self.predict(x, k_eval)
-            g = self._guide(guidance, x, k_eval, eps)
+            eps, _, features = self.predict(x, k_eval)
+            g = self._guide(guidance, x, k_eval, eps, features)
             x = self._invert_step(tab, x, k, eps, g, self.clip)
         return x

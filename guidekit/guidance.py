@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ class StepInput:
     x0: Tensor  # the unguided x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t
     schedule: NoiseSchedule  # the (possibly respaced) schedule being sampled
     model: Callable[[Tensor, Tensor], Tensor]  # ε_θ(x, t), for guidances that differentiate it
+    # The model's intermediate features from this step's forward (a UNet's DownFeatures), so
+    # a guidance built on them does not run the network again; None for other models.
+    features: Any = None
 
 
 @runtime_checkable

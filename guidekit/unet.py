@@ -269,6 +269,18 @@ def build_input_blocks(cfg: BackboneConfig, emb_dim: int) -> tuple[nn.ModuleList
     return blocks, skip_chs, ch
 
 
+def down_path_channels(cfg: BackboneConfig) -> tuple[list[int], int]:
+    """(channels of each skip, output channels) of :func:`build_input_blocks`, without
+    building it: for networks that read a UNet's features (PDAE's gradient estimator)."""
+    skip_chs, ch = [cfg.model_channels], cfg.model_channels
+    for level, mult in enumerate(cfg.channel_mult):
+        ch = cfg.model_channels * mult
+        skip_chs += [ch] * cfg.num_res_blocks
+        if level < len(cfg.channel_mult) - 1:
+            skip_chs.append(ch)
+    return skip_chs, ch
+
+
 def build_middle_block(cfg: BackboneConfig, ch: int, emb_dim: int) -> EmbedSequential:
     return EmbedSequential(
         ResBlock(ch, emb_dim, ch, cfg.dropout),

@@ -1,0 +1,127 @@
+"""PDAE (Zhang et al., 2022): a pre-trained DPM turned into an autoencoder.
+
+An encoder E_φ maps x_0 to z, and a gradient estimator G_ψ(x_t, z, t) learns the mean shift
+that fills the frozen DPM's posterior mean gap. Registers the ``pdae`` weighting, the ``pdae``
+trainer (and ``pdae-latent``, a DPM over z), the ``pdae`` guidance, the ``guidekit pdae``
+commands, and quickstart steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import torch
+import typer
+
+from guidekit.data import load_dataset
+from guidekit.distributed import is_main_process
+from guidekit.hookspecs import hookimpl
+from guidekit.options import parse_plugin_options
+from guidekit.plugins import get_registry
+from guidekit.schedule import NoiseSchedule
+from guidekit.specs import GuidanceSpec, ModelSpec, TrainerSpec, WeightingSpec
+from guidekit.training import TrainConfig
+
+from .guidance import build_pdae_guidance, guidance_options
+from .latent import KIND as LATENT_KIND
+from .latent import latent_model_spec, train_latent_command
+from .training import KIND, train_pdae
+
+__version__ = "0.1.0"
+
+
+def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float = 0.1) -> torch.Tensor:
+    """λ_t = (1/(1+SNR))^{1−γ} (SNR/(1+SNR))^γ = SNR^γ / (1+SNR)."""
+    snr = schedule.float64["snr"]
+    return (snr**pdae_gamma / (1 + snr)).to(torch.float32)
+
+
+def train_pdae_command(
+    ctx: typer.Context,
+    pretrained: Path = typer.Option(..., help="The frozen DDPM checkpoint to build on."),
+    data: str = typer.Option("digits", help="Dataset name or a folder of images."),
+    out: Path = typer.Option(Path("runs/pdae"), help="Checkpoint directory."),
+    latent_dim: int = typer.Option(64, help="Size of z."),
+    encoder_channels: int = typer.Option(32, help="Base width of the encoder E_φ."),
+    weighting: str = typer.Option("pdae", help="Loss weighting plugin (pdae, p2, uniform)."),
+    steps: int = typer.Option(2000, help="Optimisation steps."),
+    batch_size: int = typer.Option(32, help="Global batch size (split across processes)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used at inference."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
+    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
+    seed: int = typer.Option(0, help="Seed of every random stream."),
+    bf16: bool = typer.Option(False, help="bf16 autocast."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile E_φ and G_ψ."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
+    save_every: int = typer.Option(500, help="Steps between checkpoints."),
+    log_every: int = typer.Option(50, help="Steps between metric lines."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train PDAE's encoder and gradient estimator on a frozen DPM (its weights never change).
+    Weighting options (e.g. --pdae-gamma) follow --weighting."""
+    images = load_dataset(data, "train", image_size, seed)
+    spec = get_registry().weighting(weighting)
+    (weighting_options,) = parse_plugin_options([(f"weighting '{weighting}'", spec.options)],
+                                                ctx.args)
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
+        bf16=bf16, compile=compile, seed=seed, save_every=save_every, log_every=log_every,
+        device=device,
+    )
+    summary = train_pdae(
+        images, out, pretrained=pretrained, latent_dim=latent_dim,
+        encoder_channels=encoder_channels, weighting=weighting,
+        weighting_options=weighting_options, config=cfg, resume=resume,
+        progress=not json_out,
+    )
+    if not is_main_process():
+        return
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"trained {KIND} in {summary['seconds']} s -> {out}")
+
+
+@hookimpl
+def guidekit_weightings() -> list[WeightingSpec]:
+    return [
+        WeightingSpec(
+            "pdae", pdae_weights,
+            help="PDAE: SNR^γ / (1+SNR), favouring the noisy steps where the gap is.",
+            options=[click.Option(["--pdae-gamma"], type=float, default=0.1, show_default=True,
+                                  help="γ of the PDAE weighting.")],
+        )
+    ]
+
+
+@hookimpl
+def guidekit_trainers() -> list[TrainerSpec]:
+    return [
+        TrainerSpec(KIND, train_pdae_command,
+                    help="Train PDAE (encoder + gradient estimator) on a frozen DPM."),
+        TrainerSpec(LATENT_KIND, train_latent_command,
+                    help="Train a DPM over a PDAE's latents, for `guidekit pdae sample`."),
+    ]
+
+
+@hookimpl
+def guidekit_models() -> list[ModelSpec]:
+    return [latent_model_spec()]
+
+
+@hookimpl
+def guidekit_guidances() -> list[GuidanceSpec]:
+    return [GuidanceSpec(KIND, build_pdae_guidance, options=guidance_options(),
+                         help="PDAE's learned mean shift G_ψ(x_t, z, t) toward latents z.")]
+
+
+@hookimpl
+def guidekit_commands(cli: typer.Typer) -> None:
+    # imported here so a failing command module cannot break the rest of the plugin
+    from .commands import pdae_app
+
+    cli.add_typer(pdae_app, name="pdae")

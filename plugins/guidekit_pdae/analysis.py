@@ -1,0 +1,398 @@
+"""Does PDAE fill the posterior mean gap? ``guidekit pdae gap``, ``onestep`` and ``probe``.
+
+- gap (the slides' Figure 3): per t, E‖μ − μ̃(x_t, x_0)‖² per pixel for the pre-trained mean
+  μ_θ and for PDAE's μ_θ + β̃_t·G_ψ(x_t, E_φ(x_0), t), the mean its loss trains.
+- onestep (Figure 4): x̂_0 from x_t in one step, without and with the shift.
+- probe: how much of x_0's labels or factors a linear model reads off z = E_φ(x_0), against
+  raw pixels and an untrained encoder of the same shape.
+
+All run on held-out (test) images, with a fixed seed for the noise.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from guidekit import ops
+from guidekit.checkpoint import atomic_write_bytes
+from guidekit.data import ImageData, load_dataset, save_image_grid
+from guidekit.ddpm import parse_ints
+from guidekit.errors import GuidekitError
+
+from .networks import Encoder, EncoderConfig
+from .training import LoadedPDAE, check_data, load_pdae
+
+BATCH = 256
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def default_gap_timesteps(num_steps: int) -> list[int]:
+    """1, T/100, T/40, T/20, then every T/10, and T−1: dense where the gap changes fastest."""
+    T = num_steps
+    picks = [1, T // 100, T // 40, T // 20, *(T * i // 10 for i in range(1, 10)), T - 1]
+    return sorted({t for t in picks if 1 <= t <= T - 1})
+
+
+def default_onestep_timesteps(num_steps: int) -> list[int]:
+    """T/10, 3T/10, 5T/10, 7T/10, 9T/10 (100, 300, ..., 900 for T = 1000)."""
+    return [num_steps * i // 10 for i in (1, 3, 5, 7, 9)]
+
+
+def parse_timesteps(text: str | None, num_steps: int, minimum: int = 1) -> list[int]:
+    """``"1,50,100"`` → [1, 50, 100], each in [minimum, T−1]; None gives the default (the
+    gap's for minimum 1, onestep's for 0)."""
+    if text is None:
+        return (default_gap_timesteps if minimum else default_onestep_timesteps)(num_steps)
+    ts = parse_ints(text, "--timesteps")
+    if not ts:
+        raise GuidekitError(f"--timesteps must list at least one timestep, got '{text}'")
+    bad = [t for t in ts if not minimum <= t <= num_steps - 1]
+    if bad:
+        why = " (at t = 0 β̃ = 0, so PDAE's shift vanishes)" if 0 in bad and minimum == 1 else ""
+        raise GuidekitError(f"--timesteps {bad} out of range: this DPM has T = {num_steps}, "
+                            f"use {minimum}..{num_steps - 1}{why}")
+    return sorted(set(ts))
+
+
+def held_out(pdae: LoadedPDAE, data: str, split: str = "test",
+             image_size: int | None = None, seed: int = 0) -> ImageData:
+    """The dataset's ``split``, checked against the DPM's image shape."""
+    images = load_dataset(data, split, image_size, seed)
+    check_data(pdae.dpm, images, str(pdae.dpm.checkpoint.path))
+    return images
+
+
+def _first(images: ImageData, n: int) -> Tensor:
+    if n < 1:
+        raise GuidekitError(f"--n must be >= 1, got {n}")
+    return images.images[:n]
+
+
+def _noise(x0: Tensor, seed: int) -> Tensor:
+    """The same ε for every t, from ``seed``: the curves then differ only by t."""
+    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _shifted(pdae: LoadedPDAE, x0: Tensor, z: Tensor, noise: Tensor, t: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_t, t as a (B,) tensor, ε_θ, G) for clean images x0 at timestep t."""
+    dev = pdae.device
+    x0, z, noise = x0.to(dev), z.to(dev), noise.to(dev)
+    k = torch.full((len(x0),), t, device=dev, dtype=torch.long)
+    x_t = ops.q_sample(pdae.dpm.schedule.tables, x0, k, noise)
+    eps, g = pdae.shift(x_t, k, z)
+    return x_t, k, eps.float(), g.float()
+
+
+# --------------------------------------------------------------------------- gap
+
+
+@torch.no_grad()
+def posterior_mean_gap(
+    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0
+) -> list[dict[str, float]]:
+    """Per t: the mean squared gap per pixel to μ̃(x_t, x_0) of the pre-trained mean μ_θ and
+    of PDAE's μ_θ + β̃_t·G (the "small" Σ, which is the shift PDAE trains), and their ratio."""
+    tab = pdae.dpm.schedule.tables
+    x0 = x0.to(pdae.device)
+    z, noise = pdae.encode(x0), _noise(x0, seed).to(pdae.device)
+    rows = []
+    for t in timesteps:
+        pre = post = 0.0
+        for xb, zb, nb in zip(x0.split(BATCH), z.split(BATCH), noise.split(BATCH), strict=True):
+            x_t, k, eps, g = _shifted(pdae, xb, zb, nb, t)
+            target = ops.posterior_mean(tab, xb, x_t, k)
+            mean = ops.model_mean(tab, x_t, k, eps)
+            var, _ = ops.variance(tab, k, x_t, "small")
+            pre += float((mean - target).double().square().sum())
+            post += float((mean + var * g - target).double().square().sum())
+        pre, post = pre / x0.numel(), post / x0.numel()
+        rows.append({"t": t, "pretrained": pre, "pdae": post,
+                     "ratio": post / pre if pre > 0 else float("nan")})
+    return rows
+
+
+def plot_gap(rows: list[dict[str, float]], path: str | Path, title: str) -> Path:
+    """Both gaps against t on a log y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.semilogy(t, [r["pretrained"] for r in rows], "o-", label="pre-trained DPM: μ_θ")
+    ax.semilogy(t, [r["pdae"] for r in rows], "s-", label="PDAE: μ_θ + Σ_t·G_ψ")
+    ax.set(xlabel="timestep t", ylabel="posterior mean gap per pixel", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def gap_table(rows: list[dict[str, float]], n: int) -> Table:
+    table = Table("t", "pre-trained", "PDAE", "PDAE / pre-trained",
+                  title=f"Posterior mean gap E‖μ − μ̃(x_t, x_0)‖² per pixel, {n} test images")
+    for r in rows:
+        table.add_row(str(r["t"]), f"{r['pretrained']:.3e}", f"{r['pdae']:.3e}",
+                      f"{r['ratio']:.3f}")
+    return table
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@torch.no_grad()
+def one_step_x0(
+    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0
+) -> dict[str, Any]:
+    """x̂_0 from x_t in one step: pre-trained from ε_θ, PDAE from ε̂ = guided_eps(ε_θ, G).
+
+    Returns ``{"rows": [{"t", "pretrained_mse", "pdae_mse"}], "x_t", "pretrained", "pdae"}``
+    (the last three: one (N, C, H, W) tensor per t, clamped to [−1, 1]). The MSE is per pixel
+    on the [0, 1] scale (x+1)/2, of the clamped x̂_0.
+    """
+    tab = pdae.dpm.schedule.tables
+    x0 = x0.to(pdae.device)
+    z, noise = pdae.encode(x0), _noise(x0, seed)
+    rows: list[dict[str, float]] = []
+    out: dict[str, list[Tensor]] = {"x_t": [], "pretrained": [], "pdae": []}
+    for t in timesteps:
+        x_t, k, eps, g = _shifted(pdae, x0, z, noise, t)
+        pre = ops.predict_x0(tab, x_t, k, eps).clamp(-1, 1)
+        post = ops.predict_x0(tab, x_t, k, ops.guided_eps(tab, x_t, k, eps, g)).clamp(-1, 1)
+        rows.append({"t": t, "pretrained_mse": _mse01(pre, x0), "pdae_mse": _mse01(post, x0)})
+        for key, x in (("x_t", x_t.clamp(-1, 1)), ("pretrained", pre), ("pdae", post)):
+            out[key].append(x.cpu())
+    return {"rows": rows, **out}
+
+
+def _mse01(x: Tensor, x0: Tensor) -> float:
+    """Per-pixel MSE on the [0, 1] scale: ((x+1)/2 − (x0+1)/2)² = (x − x0)²/4."""
+    return float(((x - x0).double() / 2).square().mean())
+
+
+def onestep_grid(x0: Tensor, result: dict[str, Any], path: str | Path) -> Path:
+    """Row 0 the originals; then for each t three rows: x_t, pre-trained x̂_0, PDAE x̂_0."""
+    blocks = [x0.cpu().clamp(-1, 1)]
+    for x_t, pre, post in zip(result["x_t"], result["pretrained"], result["pdae"], strict=True):
+        blocks += [x_t, pre, post]
+    return save_image_grid(torch.cat(blocks), path, nrow=len(x0), scale=4)
+
+
+def onestep_table(rows: list[dict[str, float]], n: int) -> Table:
+    table = Table("t", "pre-trained MSE", "PDAE MSE", "PDAE / pre-trained",
+                  title=f"One-step x̂_0 from x_t, {n} test images "
+                  "(per-pixel MSE on the [0, 1] scale, x̂_0 clamped)")
+    for r in rows:
+        ratio = r["pdae_mse"] / r["pretrained_mse"] if r["pretrained_mse"] > 0 else float("nan")
+        table.add_row(str(r["t"]), f"{r['pretrained_mse']:.4f}", f"{r['pdae_mse']:.4f}",
+                      f"{ratio:.3f}")
+    return table
+
+
+# --------------------------------------------------------------------------- probe
+
+
+def probe_targets(data: ImageData) -> dict[str, tuple[np.ndarray, str]]:
+    """What to predict: every factor (with its kind) if the data has factors, else the label."""
+    if data.factors:
+        return {k: (v.numpy(), data.factor_kinds.get(k, "categorical"))
+                for k, v in data.factors.items()}
+    if data.labels is not None:
+        return {"label": (data.labels.numpy(), "categorical")}
+    raise GuidekitError(f"dataset '{data.name}' has neither labels nor factors to probe: "
+                        "use a labelled dataset such as digits or shapes")
+
+
+@torch.no_grad()
+def probe_features(pdae: LoadedPDAE, images: Tensor, seed: int = 0) -> dict[str, np.ndarray]:
+    """z = E_φ(x_0), raw pixels, and z of an untrained encoder of E_φ's config (seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random = Encoder(EncoderConfig.from_dict(pdae.config["encoder"])).eval()
+    random = random.to(pdae.device)
+    return {
+        "pdae": pdae.encode(images).cpu().numpy(),
+        "pixels": images.flatten(1).numpy(),
+        "random": torch.cat([random(b.to(pdae.device)).cpu()
+                             for b in images.split(BATCH)]).numpy(),
+    }
+
+
+def linear_probe(
+    pdae: LoadedPDAE, train: ImageData, test: ImageData, *, seed: int = 0
+) -> dict[str, Any]:
+    """Held-out accuracy (categorical) or R² (continuous, ridge) of linear models on
+    standardised features, fit on ``train`` and scored on ``test``, for each target.
+
+    Returns ``{"n_train", "n_test", "latent_dim", "targets": [{"target", "kind", "metric",
+    "chance", "pdae", "pixels", "random"}]}``; chance is the majority class's share (0 for R²).
+    """
+    train_targets, test_targets = probe_targets(train), probe_targets(test)
+    f_train, f_test = probe_features(pdae, train.images, seed), probe_features(
+        pdae, test.images, seed)
+    rows = []
+    for name, (y, kind) in train_targets.items():
+        y_test = test_targets[name][0]
+        if kind == "categorical" and len(np.unique(y)) < 2:
+            raise GuidekitError(f"the training split has one value of '{name}' only: "
+                                "probe on more images")
+        row: dict[str, Any] = {
+            "target": name, "kind": kind,
+            "metric": "accuracy" if kind == "categorical" else "r2",
+            "chance": _majority(y, y_test) if kind == "categorical" else 0.0,
+        }
+        for feats in f_train:
+            row[feats] = _fit_score(f_train[feats], y, f_test[feats], y_test, kind)
+        rows.append(row)
+    return {"n_train": len(train), "n_test": len(test), "latent_dim": pdae.latent_dim,
+            "targets": rows}
+
+
+def _fit_score(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+               kind: str) -> float:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    head = LogisticRegression(max_iter=2000) if kind == "categorical" else Ridge(alpha=1.0)
+    model = make_pipeline(StandardScaler(), head)
+    with warnings.catch_warnings():  # held-out score is what counts, converged or not
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return float(model.score(x_test, y_test))
+
+
+def _majority(y: np.ndarray, y_test: np.ndarray) -> float:
+    values, counts = np.unique(y, return_counts=True)
+    return float((y_test == values[counts.argmax()]).mean())
+
+
+def probe_table(result: dict[str, Any], data: str) -> Table:
+    table = Table("target", "metric", "PDAE z", "raw pixels", "random encoder", "chance",
+                  title=f"Linear probe on '{data}': fit on {result['n_train']} train images, "
+                  f"scored on {result['n_test']} test images (z: {result['latent_dim']} dims)")
+    for r in result["targets"]:
+        table.add_row(r["target"], r["metric"],
+                      *(f"{r[k]:.3f}" for k in ("pdae", "pixels", "random", "chance")))
+    return table
+
+
+# --------------------------------------------------------------------------- commands
+
+PDAE_OPT = typer.Option(..., help="The PDAE checkpoint (guidekit train pdae).")
+PRETRAINED_OPT = typer.Option(None, help="The DPM it was trained on (default: the recorded "
+                              "path).")
+DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images (its test split).")
+SIZE_OPT = typer.Option(None, help="Resize images (default: the dataset's size).")
+SEED_OPT = typer.Option(0, help="Seed of the noise (and of the random encoder).")
+DEVICE_OPT = typer.Option("cpu", help="cpu or cuda.")
+JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def gap_command(
+    pdae: Path = PDAE_OPT,
+    pretrained: Path = PRETRAINED_OPT,
+    data: str = DATA_OPT,
+    timesteps: str = typer.Option(None, help="Comma-separated t in 1..T-1 (default: 1, T/100, "
+                                  "T/40, T/20, every T/10, T-1)."),
+    n: int = typer.Option(256, help="Test images to average over."),
+    image_size: int = SIZE_OPT,
+    seed: int = SEED_OPT,
+    out_dir: Path = typer.Option(None, help="Where gap.png goes (default: PDAE/analysis)."),
+    device: str = DEVICE_OPT,
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Posterior mean gap per t of the pre-trained DPM and of PDAE (the slides' Figure 3)."""
+    model = load_pdae(pdae, pretrained, device)
+    ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
+    x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
+    rows = posterior_mean_gap(model, x0, ts, seed=seed)
+    plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
+                    f"posterior mean gap, {len(x0)} test images")
+    if json_out:
+        typer.echo(json.dumps({"n": len(x0), "timesteps": rows, "plot": str(plot)}))
+        return
+    Console().print(gap_table(rows, len(x0)))
+    typer.echo(f"plot: {plot}")
+
+
+def onestep_command(
+    pdae: Path = PDAE_OPT,
+    pretrained: Path = PRETRAINED_OPT,
+    data: str = DATA_OPT,
+    timesteps: str = typer.Option(None, help="Comma-separated t in 0..T-1 (default: T/10, "
+                                  "3T/10, ..., 9T/10: 100,300,500,700,900 for T = 1000)."),
+    n: int = typer.Option(8, help="Test images (one grid column each)."),
+    image_size: int = SIZE_OPT,
+    seed: int = SEED_OPT,
+    out_dir: Path = typer.Option(None, help="Where onestep.png goes (default: PDAE/analysis)."),
+    device: str = DEVICE_OPT,
+    json_out: bool = JSON_OPT,
+) -> None:
+    """x̂_0 from x_t in one step, pre-trained vs PDAE (the slides' Figure 4)."""
+    model = load_pdae(pdae, pretrained, device)
+    ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
+    x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
+    result = one_step_x0(model, x0, ts, seed=seed)
+    grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
+    if json_out:
+        typer.echo(json.dumps({"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
+                               "grid": str(grid)}))
+        return
+    Console().print(onestep_table(result["rows"], len(x0)))
+    typer.echo(f"grid (row 1 the originals, then per t: x_t / pre-trained x̂_0 / PDAE x̂_0): "
+               f"{grid}")
+
+
+def probe_command(
+    pdae: Path = PDAE_OPT,
+    pretrained: Path = PRETRAINED_OPT,
+    data: str = DATA_OPT,
+    image_size: int = SIZE_OPT,
+    seed: int = SEED_OPT,
+    device: str = DEVICE_OPT,
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Linear-probe accuracy (or R²) of z against raw pixels and a random encoder."""
+    model = load_pdae(pdae, pretrained, device)
+    train = held_out(model, data, "train", image_size, seed)
+    probe_targets(train)  # fail before encoding anything
+    result = linear_probe(model, train, held_out(model, data, "test", image_size, seed),
+                          seed=seed)
+    if json_out:
+        typer.echo(json.dumps(result))
+        return
+    Console().print(probe_table(result, data))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("gap")(gap_command)
+    app.command("onestep")(onestep_command)
+    app.command("probe")(probe_command)

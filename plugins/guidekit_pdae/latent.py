@@ -1,0 +1,439 @@
+"""A latent DPM over PDAE's z, so PDAE generates new images: ``guidekit train pdae-latent``
+and ``guidekit pdae sample``.
+
+Training encodes the data with E_φ, normalises z per dimension and fits an MLP ε-predictor
+on the normalised latents with the shared loop (latents are stored as (N, D, 1, 1) "images",
+so :func:`guidekit.training.fit` and the engine work unchanged). Sampling draws z with DDIM
+on the latent DPM, un-normalises it, and decodes it with DDIM from random x_T on the frozen
+DPM, guided by G_ψ(x_t, z, t) at scale 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from guidekit import ops
+from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
+from guidekit.data import ImageData, load_dataset, save_image_grid
+from guidekit.ddpm import DPM, data_meta, per_sample_mse
+from guidekit.distributed import is_main_process
+from guidekit.errors import CheckpointError, GuidekitError
+from guidekit.guidance import GuidanceTerm
+from guidekit.schedule import NoiseSchedule, ScheduleConfig
+from guidekit.specs import ModelSpec
+from guidekit.training import TrainConfig, fit
+from guidekit.unet import timestep_embedding, zero_module
+
+from .guidance import PDAEGuidance, save_latents
+from .training import LoadedPDAE, check_data, load_pdae
+
+KIND = "pdae-latent"
+MODEL_NAME = "latent_mlp"
+STD_FLOOR = 1e-6  # a constant latent dimension must not divide by zero
+
+
+# --------------------------------------------------------------------------- network
+
+
+@dataclass
+class LatentMLPConfig:
+    """A residual MLP ε-predictor over D-dimensional latents."""
+
+    latent_dim: int = 64
+    hidden: int = 512
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("latent_dim", "hidden", "depth"):
+            if getattr(self, key) < 1:
+                raise GuidekitError(f"LatentMLPConfig.{key} must be >= 1, "
+                                    f"got {getattr(self, key)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentMLPConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise GuidekitError(f"unknown LatentMLPConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class LatentBlock(nn.Module):
+    """h + MLP(SiLU(LayerNorm(h)·(1+scale) + shift)), scale/shift from the time embedding."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.emb = nn.Linear(width, 2 * width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = zero_module(nn.Linear(width, width))  # each block starts as the identity
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.emb(emb).chunk(2, dim=-1)
+        y = F.silu(self.norm(h) * (1 + scale) + shift)
+        return h + self.fc2(F.silu(self.fc1(y)))
+
+
+class LatentMLP(nn.Module):
+    """ε_θ(z_t, t) for latents shaped (B, D) or (B, D, 1, 1): a linear stem, pre-norm residual
+    blocks, and a zero-initialised linear head on the residual stream."""
+
+    def __init__(self, config: LatentMLPConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.hidden
+        self.time = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.inp = nn.Linear(config.latent_dim, w)
+        self.blocks = nn.ModuleList(LatentBlock(w) for _ in range(config.depth))
+        # no norm before the head: a final LayerNorm would erase |z_t|, and ε̂ must scale
+        # with it (ε̂ ≈ z_t at high noise); with one, samples came out 5x too wide
+        self.out = zero_module(nn.Linear(w, config.latent_dim))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        d = self.config.latent_dim
+        if x.shape[1] != d or x[0].numel() != d:
+            raise GuidekitError(f"the latent DPM expects (B, {d}) or (B, {d}, 1, 1) latents, "
+                                f"got shape {tuple(x.shape)}")
+        emb = self.time(timestep_embedding(t, self.config.hidden).to(x.dtype))
+        h = self.inp(x.flatten(1))
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(h).view_as(x)
+
+
+def latent_model_spec() -> ModelSpec:
+    """The ``latent_mlp`` model, for ``guidekit_models``: config.json names it like any DPM."""
+    return ModelSpec(MODEL_NAME, LatentMLPConfig, LatentMLP,
+                     help="Residual MLP ε-predictor over PDAE latents (pdae-latent).")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def as_latent_data(z: Tensor, name: str) -> ImageData:
+    """Latents (N, D) as an ImageData of (N, D, 1, 1) "images", so the shared loop runs as is."""
+    if z.ndim != 2 or len(z) < 1:
+        raise GuidekitError(f"latents must be (N, D) with N >= 1, got {tuple(z.shape)}")
+    return ImageData(name=name, images=z.float()[:, :, None, None].contiguous(), labels=None,
+                     num_classes=0)
+
+
+def normalisation(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std (floored) of latents (N, D)."""
+    z = z.double()
+    std = z.std(0, correction=0).clamp(min=STD_FLOOR) if len(z) > 1 else torch.ones_like(z[0])
+    return z.mean(0).float(), std.float()
+
+
+class LatentTask:
+    """L = ‖ε − ε_θ(z_t, t)‖² on normalised latents (uniform weighting)."""
+
+    kind = KIND
+
+    def __init__(self, model: LatentMLP, schedule: NoiseSchedule, meta: dict[str, Any]) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.meta = meta
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def loss(self, nets, x0: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
+        tab = self.schedule.to(x0.device).tables
+        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), generator=gen,
+                          device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+        eps = nets["model"](ops.q_sample(tab, x0, t, noise), t)
+        return per_sample_mse(eps, noise).mean()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **self.meta,
+            "model": {"name": MODEL_NAME, "config": self.model.config.to_dict()},
+            "schedule": self.schedule.config.to_dict(),
+        }
+
+
+def train_latent_dpm(
+    latents: Tensor,
+    out: str | Path,
+    *,
+    pdae: LoadedPDAE | None = None,
+    data_name: str = "latents",
+    hidden: int = 512,
+    depth: int = 4,
+    schedule: ScheduleConfig | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a latent DPM on ``latents`` (N, D); ``pdae`` is the PDAE they came from (its
+    path and fingerprint are recorded; None for latents from elsewhere, e.g. tests)."""
+    config = config or TrainConfig()
+    mean, std = normalisation(latents)
+    data = as_latent_data((latents.float() - mean) / std, f"{data_name}:z")
+    sched = NoiseSchedule.from_config(schedule or ScheduleConfig())
+    torch.manual_seed(config.seed)  # the initial weights
+    model = LatentMLP(LatentMLPConfig(latents.shape[1], hidden, depth))
+    meta = {
+        "pdae": None if pdae is None else {
+            "path": str(pdae.path.resolve()), "fingerprint": pdae.fingerprint},
+        "data": data_meta(data),
+        "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
+    }
+    result = fit(LatentTask(model, sched, meta), data, out, config, resume=resume,
+                 progress=progress)
+    return {
+        "checkpoint": str(out),
+        "latents": len(latents),
+        "latent_dim": int(latents.shape[1]),
+        "steps": result.step,
+        "final_loss": result.loss,
+        "seconds": round(result.seconds, 2),
+        "latents_per_second": round(result.images_per_second, 1),
+    }
+
+
+def train_pdae_latent(
+    pdae_path: str | Path,
+    data: ImageData,
+    out: str | Path,
+    *,
+    hidden: int = 512,
+    depth: int = 4,
+    schedule: ScheduleConfig | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Encode ``data`` with the PDAE at ``pdae_path`` and train a latent DPM on its z."""
+    pdae = load_pdae(pdae_path, device=device)
+    check_data(pdae.dpm, data, str(pdae.config["pretrained"]["path"]))
+    t0 = time.perf_counter()
+    z = pdae.encode(data.images).cpu()
+    encode_seconds = round(time.perf_counter() - t0, 2)
+    summary = train_latent_dpm(z, out, pdae=pdae, data_name=data.name, hidden=hidden,
+                               depth=depth, schedule=schedule, config=config, resume=resume,
+                               progress=progress)
+    return {**summary, "encode_seconds": encode_seconds}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedLatentDPM:
+    """A trained latent DPM (a :class:`~guidekit.ddpm.DPM` over (D, 1, 1)) and the
+    normalisation of the latents it was trained on."""
+
+    dpm: DPM
+    mean: Tensor  # (D,)
+    std: Tensor  # (D,)
+    path: Path
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.mean.numel())
+
+    @property
+    def pdae(self) -> dict[str, Any] | None:
+        """The PDAE record (path, fingerprint), or None when trained on given latents."""
+        return self.dpm.config.get("pdae")
+
+
+def load_latent_dpm(
+    path: str | Path, pdae: LoadedPDAE | None = None, device: str | torch.device = "cpu"
+) -> LoadedLatentDPM:
+    """Load a ``pdae-latent`` checkpoint's EMA weights; with ``pdae``, a latent DPM trained on
+    another PDAE's latents is a one-line error."""
+    ckpt = read_checkpoint(path, KIND)
+    if pdae is not None:
+        check_pairing(ckpt, pdae)
+    model = LatentMLP(LatentMLPConfig.from_dict(ckpt.config["model"]["config"]))
+    load_weights(model, ckpt.module_tensors("ema", "model"), str(path))
+    model.to(device).eval().requires_grad_(False)
+    sched = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
+    norm = ckpt.config["normalisation"]
+    return LoadedLatentDPM(
+        DPM(model, sched.to(device), ckpt),
+        torch.tensor(norm["mean"], dtype=torch.float32, device=device),
+        torch.tensor(norm["std"], dtype=torch.float32, device=device),
+        Path(path),
+    )
+
+
+def check_pairing(ckpt: Checkpoint, pdae: LoadedPDAE) -> None:
+    """The latent DPM must have been trained on latents of exactly this PDAE."""
+    rec = ckpt.config.get("pdae")
+    if rec is None:
+        raise CheckpointError(
+            f"the latent DPM at {ckpt.path} was trained on given latents, not on a PDAE's: "
+            f"train one with `guidekit train pdae-latent --pdae {pdae.path}`")
+    if rec["fingerprint"] != pdae.fingerprint:
+        raise CheckpointError(
+            f"the latent DPM at {ckpt.path} was trained on latents of another PDAE "
+            f"({rec['path']}, fingerprint {rec['fingerprint']}) than {pdae.path} (fingerprint "
+            f"{pdae.fingerprint}): pass that --pdae, or train one with `guidekit train "
+            f"pdae-latent --pdae {pdae.path}`")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _check_steps(steps: int, num_timesteps: int, flag: str) -> None:
+    if not 1 <= steps <= num_timesteps:
+        raise GuidekitError(f"{flag} must be in 1..{num_timesteps} (the model's training "
+                            f"timesteps), got {steps}")
+
+
+def sample_latents(
+    latent: LoadedLatentDPM, n: int, *, steps: int = 100, seed: int = 0, eta: float = 0.0,
+    progress: bool = False,
+) -> Tensor:
+    """Draw ``n`` latents (n, D) with DDIM on the latent DPM, in z's own (un-normalised)
+    scale. x̂_0 is not clipped: normalised latents are not confined to [−1, 1]."""
+    if n < 1:
+        raise GuidekitError(f"--n must be >= 1, got {n}")
+    _check_steps(steps, latent.dpm.schedule.num_steps, "--latent-steps")
+    device = latent.mean.device
+    engine = latent.dpm.sampler(steps=f"ddim{steps}", clip_x0=False)
+    gen = torch.Generator(device).manual_seed(seed)
+    u = engine.ddim(shape=(n, latent.latent_dim, 1, 1), eta=eta, generator=gen, device=device,
+                    progress=progress)
+    return u.flatten(1) * latent.std + latent.mean
+
+
+def decode_latents(
+    pdae: LoadedPDAE, z: Tensor, *, steps: int = 100, seed: int = 0, scale: float = 1.0,
+    progress: bool = False,
+) -> Tensor:
+    """Images (n, C, H, W) in [−1, 1] from latents (n, D): DDIM from random x_T on the frozen
+    DPM with the PDAE guidance (G_ψ toward z) at ``scale``."""
+    _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
+    device = pdae.device
+    engine = pdae.dpm.sampler(steps=f"ddim{steps}", clip_x0=True)
+    term = GuidanceTerm(PDAEGuidance(pdae, z.to(device)), scale=scale, name="pdae")
+    gen = torch.Generator(device).manual_seed(seed)
+    x = engine.ddim(shape=(len(z), *pdae.dpm.image_shape), guidance=[term], generator=gen,
+                    device=device, progress=progress)
+    return x.clamp(-1, 1)
+
+
+def sample_pdae(
+    pdae: LoadedPDAE, latent: LoadedLatentDPM, n: int = 64, *, steps: int = 100,
+    latent_steps: int = 100, seed: int = 0, progress: bool = False,
+) -> dict[str, Any]:
+    """New images from PDAE: z from the latent DPM, then guided DDIM decoding.
+
+    Returns ``{"z": (n, D), "images": (n, C, H, W), "latent_seconds", "decode_seconds"}``.
+    x_T uses seed + 1 so it is not the latent DPM's starting noise reshaped.
+    """
+    check_pairing(latent.dpm.checkpoint, pdae)
+    _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
+    t0 = time.perf_counter()
+    z = sample_latents(latent, n, steps=latent_steps, seed=seed, progress=progress)
+    t1 = time.perf_counter()
+    x = decode_latents(pdae, z, steps=steps, seed=seed + 1, progress=progress)
+    return {"z": z, "images": x, "latent_seconds": round(t1 - t0, 2),
+            "decode_seconds": round(time.perf_counter() - t1, 2)}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def train_latent_command(
+    ctx: typer.Context,
+    pdae: Path = typer.Option(..., help="The PDAE checkpoint whose latents are modelled."),
+    data: str = typer.Option("digits", help="Dataset to encode (the PDAE's training data)."),
+    out: Path = typer.Option(Path("runs/pdae_latent"), help="Checkpoint directory."),
+    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
+    hidden: int = typer.Option(512, help="Width of the MLP."),
+    depth: int = typer.Option(4, help="Residual MLP blocks."),
+    schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
+    timesteps: int = typer.Option(1000, help="Training timesteps T of the latent DPM."),
+    steps: int = typer.Option(3000, help="Optimisation steps."),
+    batch_size: int = typer.Option(256, help="Global batch size."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used to sample."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
+    seed: int = typer.Option(0, help="Seed of every random stream."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
+    save_every: int = typer.Option(500, help="Steps between checkpoints."),
+    log_every: int = typer.Option(50, help="Steps between metric lines."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a latent DPM over a PDAE's z (encoded from --data), so `guidekit pdae sample`
+    can generate new images."""
+    if ctx.args:  # trainers accept unknown options (for weighting plugins); this takes none
+        raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
+    sched = ScheduleConfig(kind=schedule, num_timesteps=timesteps)
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
+        seed=seed, save_every=save_every, log_every=log_every, device=device,
+    )
+    images = load_dataset(data, "train", image_size, seed)
+    encode_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = train_pdae_latent(pdae, images, out, hidden=hidden, depth=depth, schedule=sched,
+                                config=cfg, resume=resume, progress=not json_out,
+                                device=encode_device)
+    if not is_main_process():
+        return
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"trained {KIND} on {summary['latents']} latents of dim "
+                   f"{summary['latent_dim']} in {summary['seconds']} s -> {out}")
+
+
+def sample_command(
+    pdae: Path = typer.Option(..., help="The PDAE checkpoint (guidekit train pdae)."),
+    latent_dpm: Path = typer.Option(..., help="Its latent DPM (guidekit train pdae-latent)."),
+    n: int = typer.Option(64, help="Number of images."),
+    steps: int = typer.Option(100, help="DDIM steps of the image decoding."),
+    latent_steps: int = typer.Option(100, help="DDIM steps of the latent DPM."),
+    seed: int = typer.Option(0, help="Seed of the latent noise (x_T uses seed + 1)."),
+    out: Path = typer.Option(None, help="Grid PNG (default: LATENT_DPM/samples.png); the "
+                             "latents go beside it as .safetensors."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Generate new images: z from the latent DPM, decoded by DDIM with PDAE guidance."""
+    loaded = load_pdae(pdae, device=device)
+    latent = load_latent_dpm(latent_dpm, loaded, device)
+    res = sample_pdae(loaded, latent, n, steps=steps, latent_steps=latent_steps, seed=seed,
+                      progress=not json_out)
+    grid = out or latent_dpm / "samples.png"
+    summary = {
+        "grid": str(save_image_grid(res["images"], grid, scale=4)),
+        "latents": str(save_latents(res["z"], Path(grid).with_suffix(".safetensors"), loaded)),
+        "n": n, "steps": steps, "latent_steps": latent_steps, "seed": seed,
+        "latent_seconds": res["latent_seconds"], "decode_seconds": res["decode_seconds"],
+    }
+    if json_out:
+        typer.echo(json.dumps(summary))
+        return
+    table = Table("stage", "DDIM steps", "seconds", title=f"{n} PDAE samples")
+    table.add_row("latent DPM → z", str(latent_steps), f"{res['latent_seconds']:.2f}")
+    table.add_row("z → image (PDAE-guided)", str(steps), f"{res['decode_seconds']:.2f}")
+    Console().print(table)
+    typer.echo(f"grid: {summary['grid']}\nlatents: {summary['latents']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample_command)

@@ -1,0 +1,174 @@
+"""PDAE's two trainable networks: the encoder E_φ (x_0 → z) and the gradient estimator
+G_ψ(x_t, z, t), which runs on the frozen ε_θ's down-path features.
+
+:class:`PDAEModel` puts them beside the frozen UNet so one forward gives both ε_θ and G: the
+frozen down path runs once, without autograd, and feeds the UNet's own up path (ε_θ) and
+G_ψ's trainable middle + up path, whose blocks take z by scale/shift of their normalisation.
+G_ψ's output layer is zero-initialised, so PDAE starts as the pre-trained DPM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guidekit.errors import GuidekitError
+from guidekit.unet import (
+    AttentionBlock,
+    DownFeatures,
+    EmbedSequential,
+    ResBlock,
+    UNet,
+    UNetConfig,
+    conv3x3,
+    down_path_channels,
+    normalization,
+    zero_module,
+)
+
+
+@dataclass
+class EncoderConfig:
+    """A strided CNN: ``channels * mult`` per level, each level halving the image."""
+
+    image_size: int = 16
+    in_channels: int = 1
+    channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    latent_dim: int = 64
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        for key in ("image_size", "in_channels", "channels", "latent_dim"):
+            if getattr(self, key) < 1:
+                raise GuidekitError(f"EncoderConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise GuidekitError(f"EncoderConfig.channel_mult must be positive ints, "
+                                f"got {self.channel_mult}")
+        if self.image_size % 2 ** len(self.channel_mult):
+            raise GuidekitError(
+                f"EncoderConfig: image_size {self.image_size} is not divisible by "
+                f"{2 ** len(self.channel_mult)} (one halving per channel_mult level)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise GuidekitError(f"unknown EncoderConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class Encoder(nn.Module):
+    """E_φ: x_0 (B, C, H, W) → z (B, latent_dim)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        ch = config.channels
+        layers: list[nn.Module] = [conv3x3(config.in_channels, ch)]
+        for mult in config.channel_mult:
+            out = config.channels * mult
+            layers += [normalization(ch), nn.SiLU(), conv3x3(ch, out),
+                       normalization(out), nn.SiLU(), nn.Conv2d(out, out, 3, 2, 1)]
+            ch = out
+        layers += [normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   nn.Linear(ch, config.latent_dim)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.config
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
+            raise GuidekitError(f"the encoder expects ({c.in_channels}, {c.image_size}, "
+                                f"{c.image_size}) images, got shape {tuple(x.shape)}")
+        return self.net(x)
+
+
+@dataclass
+class EstimatorConfig:
+    """G_ψ mirrors the middle and up path of the UNet whose features it reads."""
+
+    unet: UNetConfig
+    latent_dim: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unet": self.unet.to_dict(), "latent_dim": self.latent_dim}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EstimatorConfig:
+        return cls(UNetConfig.from_dict(d["unet"]), int(d["latent_dim"]))
+
+
+class GradientEstimator(nn.Module):
+    """G_ψ(features of x_t, z): a middle + up path with z in every ResBlock's normalisation.
+
+    It reads the frozen UNet's skips and time embedding, so its input layers are the UNet's
+    own; only the blocks built here train. Output zero-initialised: G = 0 at the start.
+    """
+
+    def __init__(self, config: EstimatorConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg, zd = config.unet, config.latent_dim
+        mc, emb = cfg.model_channels, 4 * cfg.model_channels
+        skip_chs, ch = down_path_channels(cfg)
+        self.middle = EmbedSequential(
+            ResBlock(ch, emb, ch, cfg.dropout, cond_channels=zd),
+            AttentionBlock(ch, cfg.num_heads),
+            ResBlock(ch, emb, ch, cfg.dropout, cond_channels=zd),
+        )
+        self.up = nn.ModuleList()
+        levels = list(enumerate(zip(cfg.channel_mult, cfg.resolutions, strict=True)))
+        for level, (mult, res) in reversed(levels):
+            for i in range(cfg.num_res_blocks + 1):
+                layers: list[nn.Module] = [
+                    ResBlock(ch + skip_chs.pop(), emb, mc * mult, cfg.dropout, cond_channels=zd)
+                ]
+                ch = mc * mult
+                if res in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg.num_heads))
+                if level > 0 and i == cfg.num_res_blocks:
+                    layers.append(ResBlock(ch, emb, ch, cfg.dropout, up=True, cond_channels=zd))
+                self.up.append(EmbedSequential(*layers))
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, cfg.in_channels))
+        )
+
+    def forward(self, feats: DownFeatures, z: Tensor) -> Tensor:
+        h = self.middle(feats.h, feats.emb, z)
+        for block, skip in zip(self.up, reversed(feats.skips), strict=True):
+            h = block(torch.cat([h, skip], dim=1), feats.emb, z)
+        return self.out(h)
+
+
+class PDAEModel(nn.Module):
+    """The frozen ε_θ with E_φ and G_ψ: ``forward(x_t, t, z) -> (ε_θ, G)`` in one pass."""
+
+    def __init__(self, unet: UNet, encoder: Encoder, estimator: GradientEstimator) -> None:
+        super().__init__()
+        if unet.config.learn_sigma:
+            raise GuidekitError("PDAE needs a fixed-variance DPM (learn_sigma=False)")
+        self.unet = unet.eval().requires_grad_(False)
+        self.encoder = encoder
+        self.estimator = estimator
+
+    def train(self, mode: bool = True) -> PDAEModel:
+        super().train(mode)
+        self.unet.eval()  # frozen: never in training mode
+        return self
+
+    def frozen_forward(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, DownFeatures]:
+        """ε_θ and the down-path features, without autograd."""
+        with torch.no_grad():
+            feats = self.unet.down(x_t, t)
+            return self.unet.middle_up(feats), feats
+
+    def forward(self, x_t: Tensor, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        eps, feats = self.frozen_forward(x_t, t)
+        return eps, self.estimator(feats, z)

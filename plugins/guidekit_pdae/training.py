@@ -1,0 +1,222 @@
+"""PDAE training on a frozen DPM, and loading a trained PDAE.
+
+Loss (DESIGN.md): z = E_φ(x_0), ε̂ = ε_θ(x_t, t) − √α_t (1−ᾱ_{t−1})/√(1−ᾱ_t) · G_ψ(x_t, z, t),
+L = λ_t ‖ε − ε̂‖²: G_ψ learns the mean shift β̃_t·G that fills the posterior mean gap of the
+pre-trained model. Only E_φ and G_ψ train; ε_θ runs without autograd and is never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guidekit import ops
+from guidekit.checkpoint import load_weights, read_checkpoint
+from guidekit.data import ImageData
+from guidekit.ddpm import DPM, data_meta, load_dpm, per_sample_mse, weighting_table
+from guidekit.errors import CheckpointError, GuidekitError
+from guidekit.schedule import NoiseSchedule
+from guidekit.training import TrainConfig, fit
+from guidekit.unet import UNet
+
+from .networks import (
+    Encoder,
+    EncoderConfig,
+    EstimatorConfig,
+    GradientEstimator,
+    PDAEModel,
+)
+
+KIND = "pdae"
+ENCODE_BATCH = 256
+
+
+def fingerprint(*modules: nn.Module) -> str:
+    """A short SHA-256 of the modules' weights: identifies a model independent of its path."""
+    h = hashlib.sha256()
+    for m in modules:
+        for name, v in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_data(dpm: DPM, data: ImageData, source: str) -> None:
+    """Raise a one-line error when ``data`` does not have the DPM's image shape."""
+    c, s, _ = dpm.image_shape
+    if (data.channels, data.image_size) != (c, s):
+        raise GuidekitError(
+            f"the DPM at {source} works on {c}x{s}x{s} images but '{data.name}' has "
+            f"{data.channels}x{data.image_size}x{data.image_size}: use data of the DPM's size "
+            f"(or --image-size {s} when only the size differs)"
+        )
+
+
+class PDAETask:
+    """L = λ_t ‖ε − (ε_θ(x_t,t) − coef_t · G_ψ(x_t, E_φ(x_0), t))‖², ε_θ frozen."""
+
+    kind = KIND
+
+    def __init__(
+        self,
+        unet: UNet,
+        encoder: Encoder,
+        estimator: GradientEstimator,
+        schedule: NoiseSchedule,
+        weights: Tensor,
+        meta: dict[str, Any],
+    ) -> None:
+        self.unet = unet.eval().requires_grad_(False)
+        self.encoder = encoder
+        self.estimator = estimator
+        self.schedule = schedule
+        self.weights = weights
+        self.meta = meta
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "estimator": self.estimator}
+
+    def loss(self, nets, x0: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
+        if next(self.unet.parameters()).device != x0.device:
+            self.unet.to(x0.device)
+        tab = self.schedule.to(x0.device).tables
+        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), generator=gen,
+                          device=x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+        x_t = ops.q_sample(tab, x0, t, noise)
+        with torch.no_grad():  # the frozen down path runs once and feeds both heads
+            feats = self.unet.down(x_t, t)
+            eps = self.unet.middle_up(feats)
+        g = nets["estimator"](feats, nets["encoder"](x0))
+        eps_hat = ops.guided_eps(tab, x_t, t, eps.float(), g.float())
+        return (self.weights.to(x0.device)[t] * per_sample_mse(eps_hat, noise)).mean()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **self.meta,
+            "encoder": self.encoder.config.to_dict(),
+            "estimator": self.estimator.config.to_dict(),
+        }
+
+
+def train_pdae(
+    data: ImageData,
+    out: str | Path,
+    *,
+    pretrained: str | Path,
+    latent_dim: int = 64,
+    encoder_channels: int = 32,
+    weighting: str = "pdae",
+    weighting_options: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train E_φ and G_ψ on ``data`` against the frozen DPM at ``pretrained``."""
+    dpm = load_dpm(pretrained)
+    if not isinstance(dpm.model, UNet):
+        raise GuidekitError(f"PDAE needs a UNet DPM; {pretrained} holds "
+                            f"'{dpm.config['model']['name']}'")
+    if dpm.model.config.learn_sigma:
+        raise GuidekitError(f"PDAE needs a fixed-variance DPM; {pretrained} learns Σ")
+    check_data(dpm, data, str(pretrained))
+    config = config or TrainConfig()
+    weights = weighting_table(weighting, dpm.schedule, weighting_options)
+    c, s, _ = dpm.image_shape
+    torch.manual_seed(config.seed)  # the initial weights
+    encoder = Encoder(EncoderConfig(image_size=s, in_channels=c, channels=encoder_channels,
+                                    channel_mult=_encoder_levels(s), latent_dim=latent_dim))
+    estimator = GradientEstimator(EstimatorConfig(dpm.model.config, latent_dim))
+    meta = {
+        "pretrained": {
+            "path": str(Path(pretrained).resolve()),
+            "fingerprint": fingerprint(dpm.model),
+            "model": dpm.config["model"],
+        },
+        "schedule": dpm.config["schedule"],
+        "data": data_meta(data),
+        "weighting": {"name": weighting, "options": dict(weighting_options or {})},
+    }
+    task = PDAETask(dpm.model, encoder, estimator, dpm.schedule, weights, meta)
+    result = fit(task, data, out, config, resume=resume, progress=progress)
+    return {
+        "checkpoint": str(out),
+        "steps": result.step,
+        "final_loss": result.loss,
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.images_per_second, 1),
+    }
+
+
+def _encoder_levels(image_size: int) -> tuple[int, ...]:
+    """Halve down to 4 px or less (16 px → 3 levels, 32 px → 3 levels capped at ×4)."""
+    levels = 1
+    while image_size // 2 ** (levels + 1) >= 2 and image_size % 2 ** (levels + 1) == 0:
+        levels += 1
+    return tuple(min(2**i, 4) for i in range(min(levels, 4)))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedPDAE:
+    """A trained PDAE beside its frozen DPM, in eval mode, without gradients."""
+
+    dpm: DPM
+    model: PDAEModel
+    config: dict[str, Any]  # the PDAE checkpoint's config.json
+    path: Path
+    fingerprint: str  # of E_φ and G_ψ: latents carry it
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.encoder.config.latent_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, x0: Tensor) -> Tensor:
+        """z = E_φ(x_0) for images in [−1, 1], in batches."""
+        return torch.cat([self.model.encoder(b.to(self.device))
+                          for b in x0.split(ENCODE_BATCH)])
+
+    @torch.no_grad()
+    def shift(self, x_t: Tensor, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(ε_θ, G_ψ) at x_t, original timesteps t, latent z."""
+        return self.model(x_t, t, z)
+
+
+def load_pdae(
+    path: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedPDAE:
+    """Load a PDAE checkpoint and the DPM it was trained on (``pretrained`` overrides the
+    recorded path); a DPM whose weights differ from the ones trained against is an error."""
+    ckpt = read_checkpoint(path, KIND)
+    rec = ckpt.config["pretrained"]
+    source = Path(pretrained) if pretrained is not None else Path(rec["path"])
+    try:
+        dpm = load_dpm(source, device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; the PDAE at {path} needs the DPM it was trained on "
+                              f"(pass --pretrained DPM_CHECKPOINT)") from None
+    if fingerprint(dpm.model) != rec["fingerprint"]:
+        raise CheckpointError(
+            f"the DPM at {source} is not the one the PDAE at {path} was trained on (weights "
+            f"fingerprint {fingerprint(dpm.model)} vs {rec['fingerprint']}): pass --pretrained "
+            "with that checkpoint"
+        )
+    encoder = Encoder(EncoderConfig.from_dict(ckpt.config["encoder"]))
+    estimator = GradientEstimator(EstimatorConfig.from_dict(ckpt.config["estimator"]))
+    load_weights(encoder, ckpt.module_tensors("ema", "encoder"), str(path))
+    load_weights(estimator, ckpt.module_tensors("ema", "estimator"), str(path))
+    assert isinstance(dpm.model, UNet)
+    model = PDAEModel(dpm.model, encoder, estimator).to(device).eval().requires_grad_(False)
+    return LoadedPDAE(dpm, model, ckpt.config, Path(path), fingerprint(encoder, estimator))
