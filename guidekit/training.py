@@ -130,7 +130,9 @@ def ema_update(decay: float):
 
     @torch.no_grad()
     def update(ema_params: list[Tensor], params: list[Tensor], n_averaged: Tensor) -> None:
-        torch._foreach_lerp_(ema_params, params, 1 - ema_decay_at(decay, int(n_averaged)))
+        # ema_decay_at on the device's counter: no host sync in the training loop
+        d = ((1 + n_averaged) / (10 + n_averaged)).clamp(max=decay).to(ema_params[0].dtype)
+        torch._foreach_lerp_(ema_params, params, 1 - d)
 
     return update
 

@@ -31,6 +31,7 @@ from guidekit.ddpm import parse_ints
 from guidekit.errors import GuidekitError
 
 from .networks import Encoder, EncoderConfig
+from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
 from .training import LoadedPDAE, check_data, load_pdae
 
 BATCH = 256
@@ -306,14 +307,8 @@ def probe_table(result: dict[str, Any], data: str) -> Table:
 
 # --------------------------------------------------------------------------- commands
 
-PDAE_OPT = typer.Option(..., help="The PDAE checkpoint (guidekit train pdae).")
-PRETRAINED_OPT = typer.Option(None, help="The DPM it was trained on (default: the recorded "
-                              "path).")
 DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images (its test split).")
-SIZE_OPT = typer.Option(None, help="Resize images (default: the dataset's size).")
 SEED_OPT = typer.Option(0, help="Seed of the noise (and of the random encoder).")
-DEVICE_OPT = typer.Option("cpu", help="cpu or cuda.")
-JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def gap_command(

@@ -31,6 +31,7 @@ from guidekit.plugins import get_registry
 
 from .guidance import PDAEGuidance, save_latents
 from .metrics import load_lpips, mse, ssim
+from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
 from .training import KIND, LoadedPDAE, check_data, load_pdae
 
 XT_CHOICES = ("inferred", "random", "both")
@@ -413,14 +414,8 @@ def _pick(data: ImageData, index: int, flag: str) -> Tensor:
     return data.images[index]
 
 
-PDAE_OPT = typer.Option(..., help="A PDAE checkpoint (guidekit train pdae).")
-PRETRAINED_OPT = typer.Option(None, help="The DPM it was trained on (default: the recorded "
-                              "path).")
 DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images.")
-SIZE_OPT = typer.Option(None, help="Resize images (default: the dataset's size).")
 STEPS_OPT = typer.Option(100, help="DDIM steps (ddimK respacing of the T training steps).")
-DEVICE_OPT = typer.Option("cpu", help="cpu or cuda.")
-JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def encode_command(

@@ -36,6 +36,7 @@ from guidekit.training import TrainConfig, fit
 from guidekit.unet import timestep_embedding, zero_module
 
 from .guidance import PDAEGuidance, save_latents
+from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT
 from .training import LoadedPDAE, check_data, load_pdae
 
 KIND = "pdae-latent"
@@ -402,7 +403,7 @@ def train_latent_command(
 
 
 def sample_command(
-    pdae: Path = typer.Option(..., help="The PDAE checkpoint (guidekit train pdae)."),
+    pdae: Path = PDAE_OPT,
     latent_dpm: Path = typer.Option(..., help="Its latent DPM (guidekit train pdae-latent)."),
     n: int = typer.Option(64, help="Number of images."),
     steps: int = typer.Option(100, help="DDIM steps of the image decoding."),
@@ -410,8 +411,8 @@ def sample_command(
     seed: int = typer.Option(0, help="Seed of the latent noise (x_T uses seed + 1)."),
     out: Path = typer.Option(None, help="Grid PNG (default: LATENT_DPM/samples.png); the "
                              "latents go beside it as .safetensors."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: str = DEVICE_OPT,
+    json_out: bool = JSON_OPT,
 ) -> None:
     """Generate new images: z from the latent DPM, decoded by DDIM with PDAE guidance."""
     loaded = load_pdae(pdae, device=device)
