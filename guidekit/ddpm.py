@@ -94,14 +94,18 @@ class DPM:
 
     @property
     def config(self) -> dict[str, Any]:
+        """The checkpoint's config.json."""
         return self.checkpoint.config
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the DPM was trained on."""
         d = self.config["data"]
         return d["channels"], d["image_size"], d["image_size"]
 
     def sampler(self, **kwargs: Any) -> Sampler:
+        """A :class:`~guidekit.engine.Sampler` over this model and schedule (``steps="ddim50"``,
+        ``clip_x0``, ... as keyword arguments)."""
         return Sampler(self.model, self.schedule, **kwargs)
 
 

@@ -59,6 +59,7 @@ class Sampler:
 
     @property
     def num_steps(self) -> int:
+        """Steps of the (possibly respaced) schedule this sampler walks."""
         return self.schedule.num_steps
 
     def _device(self, x: Tensor) -> dict[str, Tensor]:

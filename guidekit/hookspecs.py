@@ -42,7 +42,27 @@ def guidekit_guidances() -> list[GuidanceSpec]:
     schedule, the batch size, and the values of ``spec.options``); the returned callable gets
     a :class:`~guidekit.guidance.StepInput` at every step and returns
     g ≈ ∇_{x_t} log p(c | x_t) with x_t's shape. The engine scales g and folds it in as the
-    mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g).
+    mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g). ``spec.options`` are
+    ``click.Option`` objects that follow ``--guidance NAME`` on the command line; their
+    values reach ``build`` in ``ctx.options`` by parameter name (from Python, only those the
+    caller gives, so read them with a default).
+
+    Example: pull every x̂_0 toward a constant grey level::
+
+        import click
+        from guidekit import hookimpl
+        from guidekit.specs import GuidanceSpec
+
+        def build_toward(ctx):
+            level = ctx.options.get("toward_level", 0.0)
+            return lambda inp: level - inp.x0
+
+        @hookimpl
+        def guidekit_guidances():
+            return [GuidanceSpec(
+                "toward", build_toward, help="Pull x̂_0 toward a grey level.",
+                options=[click.Option(["--toward-level"], type=float, default=0.0)],
+            )]
     """
 
 
@@ -51,8 +71,29 @@ def guidekit_weightings() -> list[WeightingSpec]:
     """Register loss weightings for ``guidekit train ... --weighting NAME``.
 
     Return a list of :class:`~guidekit.specs.WeightingSpec`. ``spec.weights(schedule,
-    **options)`` returns λ_t for every training timestep as a (T,) float tensor; the trainer
-    multiplies each sample's ε-loss by λ at its timestep. ``uniform`` (λ_t = 1) is built in.
+    **options)`` returns λ_t for every training timestep as a (T,) float tensor of finite
+    values; the trainer multiplies each sample's ε-loss by λ at its timestep. ``uniform``
+    (λ_t = 1) is built in. ``spec.options`` are ``click.Option`` objects that follow
+    ``--weighting NAME`` on the command line and reach ``weights`` as keyword arguments, so
+    give each a default in the function too.
+
+    Example: train on the noisier steps only::
+
+        import click
+        import torch
+        from guidekit import hookimpl
+        from guidekit.specs import WeightingSpec
+
+        def late_weights(schedule, late_from=0.5):
+            t = torch.arange(schedule.num_steps)
+            return (t >= late_from * schedule.num_steps).float()
+
+        @hookimpl
+        def guidekit_weightings():
+            return [WeightingSpec(
+                "late", late_weights, help="λ_t = 1 from t = late_from·T on, else 0.",
+                options=[click.Option(["--late-from"], type=float, default=0.5)],
+            )]
     """
 
 
@@ -60,8 +101,32 @@ def guidekit_weightings() -> list[WeightingSpec]:
 def guidekit_trainers() -> list[TrainerSpec]:
     """Register training commands, each reachable as ``guidekit train NAME``.
 
-    Return a list of :class:`~guidekit.specs.TrainerSpec` whose ``command`` is a typer command
-    function. Use :func:`guidekit.training.fit` for the loop, checkpoints and resumption.
+    Return a list of :class:`~guidekit.specs.TrainerSpec` whose ``command`` is a typer
+    command function: its ``typer.Option`` parameters become the command's options and its
+    docstring the command's help. Use :func:`guidekit.training.fit` for the loop,
+    checkpoints and resumption. The command receives arguments it does not declare in
+    ``ctx.args`` (give it a ``ctx: typer.Context`` first parameter): they are how weighting
+    options reach a trainer with a ``weighting`` parameter, and any other trainer should
+    reject them.
+
+    Example::
+
+        import typer
+        from guidekit import GuidekitError, hookimpl
+        from guidekit.specs import TrainerSpec
+
+        def train_mine(
+            ctx: typer.Context,
+            steps: int = typer.Option(100, help="Optimisation steps."),
+            json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        ) -> None:
+            if ctx.args:
+                raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
+            typer.echo(f'{{"steps": {steps}}}' if json_out else f"trained for {steps} steps")
+
+        @hookimpl
+        def guidekit_trainers():
+            return [TrainerSpec("mine", train_mine, help="Train my model.")]
     """
 
 
@@ -69,8 +134,44 @@ def guidekit_trainers() -> list[TrainerSpec]:
 def guidekit_models() -> list[ModelSpec]:
     """Register network architectures by name, so checkpoints can be rebuilt from config.json.
 
-    Return a list of :class:`~guidekit.specs.ModelSpec`; a checkpoint's ``model`` entry names
-    one and holds its config (``config_class.from_dict``).
+    Return a list of :class:`~guidekit.specs.ModelSpec`. A checkpoint's ``config.json`` has a
+    ``model`` entry ``{"name": NAME, "config": {...}}``; loading it builds
+    ``spec.model_class(spec.config_class.from_dict(config))``, so the config class needs a
+    ``from_dict`` classmethod (and a ``to_dict`` for the trainer that writes it). A DPM's
+    network takes ``(x_t, t)``, t being original training timesteps, and returns ε with
+    x_t's shape (or twice its channels, the second half a learned variance).
+
+    Example::
+
+        from dataclasses import asdict, dataclass
+
+        import torch
+        from guidekit import hookimpl
+        from guidekit.specs import ModelSpec
+
+        @dataclass
+        class TinyConfig:
+            channels: int = 1
+
+            @classmethod
+            def from_dict(cls, d):
+                return cls(**d)
+
+            def to_dict(self):
+                return asdict(self)
+
+        class TinyEps(torch.nn.Module):
+            def __init__(self, config):
+                super().__init__()
+                self.config = config
+                self.conv = torch.nn.Conv2d(config.channels, config.channels, 3, padding=1)
+
+            def forward(self, x, t):
+                return self.conv(x)
+
+        @hookimpl
+        def guidekit_models():
+            return [ModelSpec("tiny-eps", TinyConfig, TinyEps, help="One convolution.")]
     """
 
 
@@ -79,18 +180,55 @@ def guidekit_datasets() -> list[DatasetSpec]:
     """Register built-in datasets, usable as ``--data NAME`` (a folder path always works too).
 
     Return a list of :class:`~guidekit.specs.DatasetSpec`; ``load(split, image_size, seed)``
-    returns a :class:`~guidekit.data.ImageData` with images in [−1, 1]. Datasets must be
-    generated or shipped inside a package: nothing is downloaded at run time.
+    returns a :class:`~guidekit.data.ImageData` with images (N, C, H, W) in [−1, 1]. ``split``
+    is ``"train"`` or ``"test"``, ``image_size`` None means the dataset's own size, and
+    ``seed`` drives anything random. Datasets must be generated or shipped inside a package:
+    nothing is downloaded at run time.
+
+    Example: 8×8 stripes, labelled by orientation::
+
+        import torch
+        from guidekit import hookimpl
+        from guidekit.data import ImageData
+        from guidekit.specs import DatasetSpec
+
+        def load_stripes(split, image_size=None, seed=0):
+            size = image_size or 8
+            rows = (torch.arange(size) % 2 * 2.0 - 1)[:, None].expand(size, size)
+            images = torch.stack([rows, rows.T])[:, None].repeat(16, 1, 1, 1)
+            return ImageData("stripes", images, torch.arange(32) % 2, num_classes=2)
+
+        @hookimpl
+        def guidekit_datasets():
+            return [DatasetSpec("stripes", load_stripes, help="8×8 stripes, 2 classes.")]
     """
 
 
 @hookspec
 def guidekit_commands(cli: typer.Typer) -> None:
-    """Add top-level CLI commands or groups to ``cli`` (a ``typer.Typer``).
+    """Add top-level CLI commands or groups to ``cli`` (the ``guidekit`` ``typer.Typer``).
 
-    Called once per plugin while the CLI is built; a plugin whose hook raises is reported in
-    one line and only its commands are missing. Add a group with
-    ``cli.add_typer(sub, name="mymethod")`` or a command with ``@cli.command()``.
+    Return nothing: register on ``cli`` itself, a group with ``cli.add_typer(sub,
+    name="mymethod")`` or a command with ``@cli.command()``. Called once per plugin while the
+    CLI is built; a plugin whose hook raises is reported in one line and only its commands
+    are missing, so import fragile modules inside the hook. Commands that report figures
+    take ``--json``, and a user mistake raises :class:`~guidekit.errors.GuidekitError`, which
+    the CLI prints as one ``error: …`` line with exit status 2.
+
+    Example: ``guidekit mine hello --name you``::
+
+        import typer
+        from guidekit import hookimpl
+
+        mine = typer.Typer(help="My method's tools.", no_args_is_help=True)
+
+        @mine.command("hello")
+        def hello(name: str = typer.Option("world", help="Whom to greet.")) -> None:
+            typer.echo(f"hello {name}")
+
+        @hookimpl
+        def guidekit_commands(cli):
+            cli.add_typer(mine, name="mine")
     """
 
 
@@ -101,6 +239,23 @@ def guidekit_quickstart_steps() -> list[QuickstartStep]:
     Return a list of :class:`~guidekit.specs.QuickstartStep`. Steps run in ascending
     ``order`` (the core's DDPM is 10); each gets a :class:`~guidekit.specs.QuickstartContext`
     (the output folder, the seed, ``fast`` for smoke tests, and the results of earlier steps)
-    and returns a :class:`~guidekit.specs.StepReport` whose images and tables go into the
-    report. Keep a step to a couple of minutes on two CPU cores.
+    and returns a :class:`~guidekit.specs.StepReport` whose text, metrics, tables and images
+    go into ``report.html`` and ``summary.json``. The core's DDPM checkpoint is
+    ``ctx.out / "ddpm"``. Keep a step to a couple of minutes on two CPU cores, and to
+    seconds when ``ctx.fast``.
+
+    Example::
+
+        from guidekit import hookimpl, load_dpm, sample, save_image_grid
+        from guidekit.specs import QuickstartStep, StepReport
+
+        def more_samples(ctx):
+            x = sample(load_dpm(ctx.out / "ddpm"), 16, steps=5 if ctx.fast else 50,
+                       seed=ctx.seed)
+            grid = save_image_grid(x, ctx.out / "mine" / "samples.png", scale=4)
+            return StepReport("More samples", images=[grid], metrics={"std": float(x.std())})
+
+        @hookimpl
+        def guidekit_quickstart_steps():
+            return [QuickstartStep("mine", more_samples, order=70, help="16 more digits.")]
     """

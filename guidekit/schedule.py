@@ -35,10 +35,12 @@ class ScheduleConfig:
             raise GuidekitError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
 
     def to_dict(self) -> dict:
+        """The config as plain JSON values."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ScheduleConfig:
+        """Inverse of :meth:`to_dict`."""
         unknown = set(d) - {"kind", "num_timesteps", "beta_start", "beta_end"}
         if unknown:
             raise GuidekitError(f"unknown schedule setting(s) {sorted(unknown)} in config")
@@ -120,14 +122,17 @@ class NoiseSchedule:
 
     @property
     def tables(self) -> dict[str, torch.Tensor]:
+        """The per-timestep tables (ᾱ_t, β_t, posterior coefficients, ...) by name."""
         return self._tables
 
     @classmethod
     def from_config(cls, config: ScheduleConfig) -> NoiseSchedule:
+        """The schedule a :class:`ScheduleConfig` describes."""
         return cls(make_betas(config), config=config)
 
     @property
     def device(self) -> torch.device:
+        """Where the tables live."""
         return self._tables["betas"].device
 
     def to(self, device: torch.device | str) -> NoiseSchedule:

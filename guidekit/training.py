@@ -31,6 +31,7 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
+    """How to train: optimiser, EMA, precision, checkpoint and log cadence, device, seed."""
     steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3

@@ -96,10 +96,12 @@ class BackboneConfig:
 
 @dataclass
 class UNetConfig(BackboneConfig):
+    """The ε-prediction UNet: the backbone's widths and levels, optionally also predicting v."""
     learn_sigma: bool = False  # also output v, the improved-DDPM variance interpolation value
 
     @property
     def out_channels(self) -> int:
+        """Output channels: the image's, doubled when the variance is learned."""
         return self.in_channels * (2 if self.learn_sigma else 1)
 
 

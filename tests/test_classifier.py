@@ -54,10 +54,10 @@ def digits() -> ImageData:
 
 
 @pytest.fixture(scope="module")
-def tiny_clf(tiny_dpm, digits, tmp_path_factory):
+def tiny_clf(guidekit_dpm, digits, tmp_path_factory):
     """A tiny noisy classifier on the tiny DPM's schedule (T=100), trained enough to steer."""
     out = tmp_path_factory.mktemp("clf") / "classifier"
-    summary = train_classifier(digits, out, dpm=tiny_dpm, model=tiny_config(digits),
+    summary = train_classifier(digits, out, dpm=guidekit_dpm, model=tiny_config(digits),
                                config=train_cfg(120), progress=False)
     return out, summary
 
@@ -151,7 +151,7 @@ def test_random_shift_moves_whole_images_by_at_most_one_pixel():
     assert len(found) > 3  # several offsets occur
 
 
-def test_classifier_checkpoint(tiny_clf, tiny_dpm):
+def test_classifier_checkpoint(tiny_clf, guidekit_dpm):
     out, summary = tiny_clf
     clf = load_classifier(out)
     assert isinstance(clf, LoadedClassifier) and clf.config["kind"] == KIND
@@ -169,14 +169,14 @@ def test_classifier_checkpoint(tiny_clf, tiny_dpm):
     assert accuracy_by_t(clf, load_dataset("digits", "test"), buckets=4)[-1]["t_to"] == 100
 
 
-def test_judge_checkpoint_and_kinds(tiny_judge, tiny_clf, tiny_dpm):
+def test_judge_checkpoint_and_kinds(tiny_judge, tiny_clf, guidekit_dpm):
     out, summary = tiny_judge
     judge = load_classifier(out, JUDGE_KIND)
     assert judge.schedule is None and judge.config["kind"] == JUDGE_KIND
     assert summary["test_accuracy"] == judge_accuracy(judge, load_dataset("digits", "test"))
     assert predict(judge, torch.zeros(3, 1, 16, 16)).shape == (3, 10)
     with pytest.raises(CheckpointError, match="is a 'ddpm' checkpoint"):
-        load_classifier(tiny_dpm)
+        load_classifier(guidekit_dpm)
     with pytest.raises(CheckpointError, match="is a 'judge' checkpoint"):
         load_classifier(out)
     with pytest.raises(CheckpointError, match="is a 'classifier' checkpoint"):
@@ -185,23 +185,23 @@ def test_judge_checkpoint_and_kinds(tiny_judge, tiny_clf, tiny_dpm):
         accuracy_by_t(judge, load_dataset("digits", "test"))
 
 
-def test_train_errors(digits, tiny_dpm, tmp_path):
+def test_train_errors(digits, guidekit_dpm, tmp_path):
     unlabelled = ImageData("pics", digits.images[:8], None, 0)
     with pytest.raises(GuidekitError, match="no class labels"):
         train_judge(unlabelled, tmp_path / "j", config=train_cfg(1), progress=False)
     small = load_dataset("digits", "train", image_size=8)
     with pytest.raises(GuidekitError, match="1x16px images but 'digits' has 1x8px"):
-        train_classifier(small, tmp_path / "c", dpm=tiny_dpm, config=train_cfg(1),
+        train_classifier(small, tmp_path / "c", dpm=guidekit_dpm, config=train_cfg(1),
                          progress=False)
     with pytest.raises(GuidekitError, match="T=100.*not linear T=1000"):
-        train_classifier(digits, tmp_path / "c", dpm=tiny_dpm, schedule=ScheduleConfig(),
+        train_classifier(digits, tmp_path / "c", dpm=guidekit_dpm, schedule=ScheduleConfig(),
                          config=train_cfg(1), progress=False)
 
 
-def test_train_cli_json(tiny_dpm, tmp_path, capsys):
+def test_train_cli_json(guidekit_dpm, tmp_path, capsys):
     tiny = ["--steps", "2", "--batch-size", "8", "--model-channels", "8", "--channel-mult",
             "1,2", "--num-heads", "1", "--json"]
-    code, out, err = run_cli(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--out",
+    code, out, err = run_cli(capsys, "train", "classifier", "--dpm", str(guidekit_dpm), "--out",
                          str(tmp_path / "c"), *tiny)
     assert code == 0, err
     res = json.loads(out)
@@ -210,7 +210,7 @@ def test_train_cli_json(tiny_dpm, tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "judge", "--out", str(tmp_path / "j"), *tiny)
     assert code == 0, err
     assert 0 <= json.loads(out)["test_accuracy"] <= 1
-    code, _, err = run_cli(capsys, "train", "classifier", "--dpm", str(tiny_dpm), "--timesteps",
+    code, _, err = run_cli(capsys, "train", "classifier", "--dpm", str(guidekit_dpm), "--timesteps",
                        "100", "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "drop --schedule/--timesteps")
     code, _, err = run_cli(capsys, "train", "judge", "--out", str(tmp_path / "x"), "--bogus", "1")
@@ -226,8 +226,8 @@ def test_train_cli_json(tiny_dpm, tmp_path, capsys):
     ["--sampler", "ddim", "--respacing", "ddim5", "--class", "1", "--class", "2", "--n", "4",
      "--guidance-schedule", "snr:0.01:"],
 ])
-def test_sample_cli_with_classifier_guidance(tiny_dpm, tiny_clf, tmp_path, capsys, args):
-    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
+def test_sample_cli_with_classifier_guidance(guidekit_dpm, tiny_clf, tmp_path, capsys, args):
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--guidance",
                          "classifier", "--classifier", str(tiny_clf[0]), "--out",
                          str(tmp_path / "g.png"), "--json", *args)
     assert code == 0, err
@@ -246,7 +246,7 @@ def _train_variant(tmp_path, data: ImageData, schedule: ScheduleConfig, name: st
     return out
 
 
-def test_mismatched_classifier_is_a_one_line_error(tiny_dpm, digits, tmp_path, capsys):
+def test_mismatched_classifier_is_a_one_line_error(guidekit_dpm, digits, tmp_path, capsys):
     rgb = ImageData("rgb", torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 10, 10)
     small = load_dataset("digits", "train", image_size=8)
     cases = [
@@ -257,7 +257,7 @@ def test_mismatched_classifier_is_a_one_line_error(tiny_dpm, digits, tmp_path, c
     ]
     for i, (data, schedule, needles) in enumerate(cases):
         clf = _train_variant(tmp_path, data, schedule, f"clf{i}")
-        code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
+        code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--steps", "2",
                            "--guidance", "classifier", "--classifier", str(clf), "--class", "1",
                            "--out", str(tmp_path / "g.png"))
         assert_one_line_error(code, err, *needles)
@@ -269,29 +269,29 @@ def test_mismatched_classifier_is_a_one_line_error(tiny_dpm, digits, tmp_path, c
     (["--class-per-row", "--n", "15"], ["multiple of the 10 classes"]),
     (["--class", "1", "--classifier", "/nonexistent/clf"], ["no checkpoint at"]),
 ])
-def test_bad_guidance_options_are_one_line_errors(tiny_dpm, tiny_clf, tmp_path, capsys, extra,
+def test_bad_guidance_options_are_one_line_errors(guidekit_dpm, tiny_clf, tmp_path, capsys, extra,
                                                   needles):
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "2",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--steps", "2",
                        "--guidance", "classifier", "--classifier", str(tiny_clf[0]), *extra,
                        "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, *needles)
 
 
-def test_guidance_without_classifier_path(tiny_dpm, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance",
+def test_guidance_without_classifier_path(guidekit_dpm, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--guidance",
                        "classifier", "--class", "3", "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, "--guidance classifier needs --classifier PATH",
                    "guidekit train classifier")
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--class", "3",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--class", "3",
                        "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, "unexpected argument")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_guidance_steers_toward_the_class(tiny_dpm, tiny_clf, sampler):
+def test_guidance_steers_toward_the_class(guidekit_dpm, tiny_clf, sampler):
     # The classifier's own mean log p(y | x_0) over samples drawn from the same noise rises
     # with the scale. (The tiny classifier is nearly flat, so the scales are large.)
-    dpm, path = load_dpm(tiny_dpm), str(tiny_clf[0])
+    dpm, path = load_dpm(guidekit_dpm), str(tiny_clf[0])
     clf = load_classifier(path)
     n = 20
     y = classes_for(n, 10, None, True)
@@ -314,12 +314,12 @@ def test_plugin_registers_everything():
     assert {"classifier", "guidance"} <= set(reg.names("quickstart step"))
 
 
-def test_quickstart_step_fast(tiny_dpm, tmp_path):
+def test_quickstart_step_fast(guidekit_dpm, tmp_path):
     from guidekit_classifier import quickstart_classifier
 
     from guidekit.specs import QuickstartContext
 
-    shutil.copytree(tiny_dpm, tmp_path / "ddpm")
+    shutil.copytree(guidekit_dpm, tmp_path / "ddpm")
     report = quickstart_classifier(QuickstartContext(tmp_path, seed=0, fast=True,
                                                      progress=False))
     assert (tmp_path / "classifier" / "class_grid.png").exists()

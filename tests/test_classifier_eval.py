@@ -52,14 +52,14 @@ def tiny_judge(out: Path, image_size: int | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_dpm, tmp_path_factory) -> dict[str, Path]:
+def models(guidekit_dpm, tmp_path_factory) -> dict[str, Path]:
     """The tiny DPM (T = 100) with a tiny classifier on its schedule and a tiny judge."""
     root = tmp_path_factory.mktemp("clf_eval")
     data, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    train_classifier(data, root / "classifier", dpm=tiny_dpm,
+    train_classifier(data, root / "classifier", dpm=guidekit_dpm,
                      model=default_config(data, **TINY), config=tiny_train(), progress=False,
                      test=test)
-    return {"ddpm": tiny_dpm, "classifier": root / "classifier",
+    return {"ddpm": guidekit_dpm, "classifier": root / "classifier",
             "judge": tiny_judge(root / "judge")}
 
 

@@ -11,10 +11,10 @@ from PIL import Image
 from guidekit.testing import assert_one_line_error, run_cli
 
 
-def test_sample_writes_grid_and_files(tiny_dpm, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--steps", "4", "--n",
-                       "6", "--out", str(tmp_path / "g.png"), "--out-dir", str(tmp_path / "each"),
-                       "--json")
+def test_sample_writes_grid_and_files(guidekit_dpm, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--steps", "4",
+                       "--n", "6", "--out", str(tmp_path / "g.png"), "--out-dir",
+                       str(tmp_path / "each"), "--json")
     assert code == 0
     res = json.loads(out)
     assert len(res["files"]) == 6
@@ -23,16 +23,16 @@ def test_sample_writes_grid_and_files(tiny_dpm, tmp_path, capsys):
     assert len(list((tmp_path / "each").glob("*.png"))) == 6
 
 
-def test_sample_ddpm_and_respacing(tiny_dpm, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "ddpm",
+def test_sample_ddpm_and_respacing(guidekit_dpm, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--sampler", "ddpm",
                        "--respacing", "3,2", "--n", "2", "--out", str(tmp_path / "g.png"),
                        "--json")
     assert code == 0 and json.loads(out)["n"] == 2
 
 
-def test_unknown_guidance(tiny_dpm, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "nope",
-                       "--out", str(tmp_path / "g.png"))
+def test_unknown_guidance(guidekit_dpm, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm),
+                       "--guidance", "nope", "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, "unknown guidance 'nope'", "guidekit plugins")
 
 
@@ -73,9 +73,9 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert_one_line_error(code, err, "no checkpoint at")
 
 
-def test_wrong_kind_checkpoint(tiny_dpm, tmp_path, capsys):
+def test_wrong_kind_checkpoint(guidekit_dpm, tmp_path, capsys):
     out = tmp_path / "judge"
-    shutil.copytree(tiny_dpm, out)
+    shutil.copytree(guidekit_dpm, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["kind"] = "judge"
     (out / "config.json").write_text(json.dumps(cfg))
@@ -83,9 +83,9 @@ def test_wrong_kind_checkpoint(tiny_dpm, tmp_path, capsys):
     assert_one_line_error(code, err, "is a 'judge' checkpoint")
 
 
-def test_wrong_shape_checkpoint(tiny_dpm, tmp_path, capsys):
+def test_wrong_shape_checkpoint(guidekit_dpm, tmp_path, capsys):
     out = tmp_path / "wide"
-    shutil.copytree(tiny_dpm, out)
+    shutil.copytree(guidekit_dpm, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["model"]["config"]["channel_mult"] = [1, 4]
     (out / "config.json").write_text(json.dumps(cfg))
@@ -93,10 +93,11 @@ def test_wrong_shape_checkpoint(tiny_dpm, tmp_path, capsys):
     assert_one_line_error(code, err, "do not match")
 
 
-def test_bad_sampler_and_scale_mismatch(tiny_dpm, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--sampler", "euler")
+def test_bad_sampler_and_scale_mismatch(guidekit_dpm, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--sampler",
+                           "euler")
     assert_one_line_error(code, err, "unknown sampler 'euler'")
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--scale", "2")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--scale", "2")
     assert_one_line_error(code, err, "--guidance")
 
 

@@ -45,11 +45,11 @@ def test_step_ops_compile_fullgraph_and_match_eager(clip):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_sampler_matches_eager(tiny_dpm):
+def test_compiled_sampler_matches_eager(guidekit_dpm):
     from guidekit.ddpm import load_dpm
     from guidekit.sampling import sample
 
-    dpm = load_dpm(tiny_dpm)
+    dpm = load_dpm(guidekit_dpm)
     eager = sample(dpm, 3, steps=4, seed=2)
     compiled = sample(dpm, 3, steps=4, seed=2, compile=True)
     torch.testing.assert_close(eager, compiled, rtol=1e-4, atol=1e-4)

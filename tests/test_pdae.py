@@ -40,9 +40,9 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def tiny_pdae(tiny_dpm, digits, tmp_path_factory):
+def tiny_pdae(guidekit_dpm, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("pdae") / "pdae"
-    train_pdae(digits, out, pretrained=tiny_dpm, latent_dim=8, encoder_channels=8,
+    train_pdae(digits, out, pretrained=guidekit_dpm, latent_dim=8, encoder_channels=8,
                config=_cfg(6), progress=False)
     return out
 
@@ -102,14 +102,14 @@ def test_pdae_weighting_matches_its_formula():
 # --------------------------------------------------------------------------- training
 
 
-def test_training_never_touches_the_pretrained_dpm(tiny_dpm, digits, tmp_path):
-    before = _weight_digest(tiny_dpm)
-    dpm_fp = fingerprint(load_dpm(tiny_dpm).model)
+def test_training_never_touches_the_pretrained_dpm(guidekit_dpm, digits, tmp_path):
+    before = _weight_digest(guidekit_dpm)
+    dpm_fp = fingerprint(load_dpm(guidekit_dpm).model)
     out = tmp_path / "pdae"
-    summary = train_pdae(digits, out, pretrained=tiny_dpm, latent_dim=8, encoder_channels=8,
+    summary = train_pdae(digits, out, pretrained=guidekit_dpm, latent_dim=8, encoder_channels=8,
                          config=_cfg(3), progress=False)
     assert summary["steps"] == 3
-    assert _weight_digest(tiny_dpm) == before
+    assert _weight_digest(guidekit_dpm) == before
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kind"] == KIND
     assert cfg["pretrained"]["fingerprint"] == dpm_fp
@@ -129,9 +129,9 @@ def test_training_learns_a_shift(tiny_pdae):
     assert g.abs().max() > 0  # the zero-initialised output layer has moved
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_dpm, digits, tmp_path):
+def test_resume_matches_an_uninterrupted_run(guidekit_dpm, digits, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    kw = dict(pretrained=tiny_dpm, latent_dim=4, encoder_channels=8, progress=False)
+    kw = dict(pretrained=guidekit_dpm, latent_dim=4, encoder_channels=8, progress=False)
     train_pdae(digits, full, config=_cfg(4), **kw)
     train_pdae(digits, part, config=TrainConfig(steps=2, batch_size=16, lr=2e-3, log_every=1,
                                                 save_every=2), **kw)
@@ -181,14 +181,15 @@ def test_guidance_uses_the_samplers_features_and_blends_latents(tiny_pdae):
     torch.testing.assert_close(out_one, out_a)
 
 
-def test_sample_cli_with_pdae_guidance(tiny_dpm, tiny_pdae, tmp_path, capsys):
+def test_sample_cli_with_pdae_guidance(guidekit_dpm, tiny_pdae, tmp_path, capsys):
     pdae = load_pdae(tiny_pdae)
     z_file = save_latents(pdae.encode(load_dataset("digits", "test").images[:2]),
                           tmp_path / "z.safetensors", pdae)
     torch.testing.assert_close(load_latents(z_file, pdae), pdae.encode(
         load_dataset("digits", "test").images[:2]))
     out = tmp_path / "g.png"
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "pdae",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm),
+                           "--guidance", "pdae",
                            "--pdae", str(tiny_pdae), "--latents", str(z_file), "--n", "2",
                            "--steps", "4", "--out", str(out))
     assert code == 0, err
@@ -207,13 +208,13 @@ def test_pretrained_that_is_not_a_dpm(tiny_pdae, tmp_path, capsys):
     assert_one_line_error(code, err, "no checkpoint at")
 
 
-def test_data_of_another_size_than_the_dpm(tiny_dpm, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "pdae", "--pretrained", str(tiny_dpm),
+def test_data_of_another_size_than_the_dpm(guidekit_dpm, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "pdae", "--pretrained", str(guidekit_dpm),
                            "--data", "shapes", "--out", str(tmp_path / "p"), "--steps", "1")
     assert_one_line_error(code, err, "1x16x16", "'shapes' has 3x32x32")
 
 
-def test_pdae_on_another_dpm(tiny_dpm, tiny_pdae, tmp_path, capsys):
+def test_pdae_on_another_dpm(guidekit_dpm, tiny_pdae, tmp_path, capsys):
     from guidekit.testing import make_tiny_dpm
 
     other = make_tiny_dpm(tmp_path / "other", steps=2, seed=1)
@@ -228,12 +229,13 @@ def test_pdae_on_another_dpm(tiny_dpm, tiny_pdae, tmp_path, capsys):
         load_pdae(tiny_pdae, pretrained=other)
 
 
-def test_latents_of_another_model(tiny_dpm, tiny_pdae, digits, tmp_path, capsys):
+def test_latents_of_another_model(guidekit_dpm, tiny_pdae, digits, tmp_path, capsys):
     other = tmp_path / "other_pdae"
-    train_pdae(digits, other, pretrained=tiny_dpm, latent_dim=8, encoder_channels=8,
+    train_pdae(digits, other, pretrained=guidekit_dpm, latent_dim=8, encoder_channels=8,
                config=_cfg(1, seed=5), progress=False)
     foreign = save_latents(torch.zeros(1, 8), tmp_path / "z.safetensors", load_pdae(other))
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "pdae",
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm),
+                           "--guidance", "pdae",
                            "--pdae", str(tiny_pdae), "--latents", str(foreign), "--n", "1",
                            "--steps", "2", "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, "latents of another model", "re-encode")
@@ -241,10 +243,11 @@ def test_latents_of_another_model(tiny_dpm, tiny_pdae, digits, tmp_path, capsys)
 
 @pytest.mark.parametrize("drop, needle", [("--pdae", "needs --pdae"),
                                           ("--latents", "needs --latents")])
-def test_guidance_without_its_inputs(tiny_dpm, tiny_pdae, tmp_path, capsys, drop, needle):
+def test_guidance_without_its_inputs(guidekit_dpm, tiny_pdae, tmp_path, capsys, drop, needle):
     args = {"--pdae": str(tiny_pdae), "--latents": str(tmp_path / "z.safetensors")}
     args.pop(drop)
     flat = [v for kv in args.items() for v in kv]
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tiny_dpm), "--guidance", "pdae",
-                           *flat, "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png"))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm),
+                           "--guidance", "pdae", *flat,
+                           "--n", "1", "--steps", "2", "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, needle)

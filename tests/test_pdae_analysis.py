@@ -47,10 +47,10 @@ def test_images():
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dpm, tmp_path_factory):
+def trained(guidekit_dpm, tmp_path_factory):
     """A tiny PDAE trained 30 steps on the tiny DPM (about 2 s)."""
     out = tmp_path_factory.mktemp("pdae_analysis") / "pdae"
-    train_pdae(load_dataset("digits", "train"), out, pretrained=tiny_dpm, latent_dim=8,
+    train_pdae(load_dataset("digits", "train"), out, pretrained=guidekit_dpm, latent_dim=8,
                encoder_channels=8, config=_cfg(30), progress=False)
     return out
 

@@ -41,11 +41,11 @@ CELL = 16 * 4 + 1  # a 16 px image at grid scale 4, with its padding
 
 
 @pytest.fixture(scope="module")
-def tiny_pdae(tiny_dpm, tmp_path_factory) -> Path:
+def tiny_pdae(guidekit_dpm, tmp_path_factory) -> Path:
     """A tiny PDAE on the tiny DPM; no EMA so its G_ψ has left zero after a few steps."""
     out = tmp_path_factory.mktemp("pdae_ae") / "pdae"
     cfg = TrainConfig(steps=4, batch_size=16, log_every=1, save_every=4, ema_decay=0.0)
-    train_pdae(load_dataset("digits", "train"), out, pretrained=tiny_dpm, latent_dim=8,
+    train_pdae(load_dataset("digits", "train"), out, pretrained=guidekit_dpm, latent_dim=8,
                encoder_channels=8, config=cfg, progress=False)
     return out
 
@@ -178,11 +178,11 @@ def test_encode_writes_tagged_latents(capsys, tiny_pdae, loaded, tmp_path):
     assert torch.allclose(z, loaded.encode(test.images), atol=1e-6)
 
 
-def test_encode_mistakes_are_one_line(capsys, tiny_pdae, tiny_dpm, tmp_path):
+def test_encode_mistakes_are_one_line(capsys, tiny_pdae, guidekit_dpm, tmp_path):
     code, _, err = run_cli(capsys, "pdae", "encode", "--pdae", str(tiny_pdae),
                            "--image-size", "32", "--out", str(tmp_path / "z.safetensors"))
     assert_one_line_error(code, err, "1x16x16", "1x32x32")
-    code, _, err = run_cli(capsys, "pdae", "encode", "--pdae", str(tiny_dpm),
+    code, _, err = run_cli(capsys, "pdae", "encode", "--pdae", str(guidekit_dpm),
                            "--out", str(tmp_path / "z.safetensors"))
     assert_one_line_error(code, err, "pdae")
 
@@ -323,7 +323,7 @@ def test_manipulate_cli(capsys, tiny_pdae, judge, tmp_path):
         assert im.size == (4 * CELL + 1, 3 * CELL + 1)
 
 
-def test_manipulate_mistakes_are_one_line(capsys, tiny_pdae, tiny_dpm, judge, loaded,
+def test_manipulate_mistakes_are_one_line(capsys, tiny_pdae, guidekit_dpm, judge, loaded,
                                           tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -338,7 +338,7 @@ def test_manipulate_mistakes_are_one_line(capsys, tiny_pdae, tiny_dpm, judge, lo
     code, _, err = run_cli(capsys, *base, "--label", "0", "--scales", "a,b")
     assert_one_line_error(code, err, "--scales")
     code, _, err = run_cli(capsys, "pdae", "manipulate", "--pdae", str(tiny_pdae),
-                           "--judge", str(tiny_dpm), "--label", "0")
+                           "--judge", str(guidekit_dpm), "--label", "0")
     assert_one_line_error(code, err, "judge")
     # the API says the same for an unlabelled ImageData
     unlabelled = ImageData("u", torch.zeros(2, 1, 16, 16), None, 0)

@@ -45,8 +45,8 @@ def _tiny_pdae(dpm, out, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def pdae_dir(tiny_dpm, tmp_path_factory):
-    return _tiny_pdae(tiny_dpm, tmp_path_factory.mktemp("pdae") / "pdae")
+def pdae_dir(guidekit_dpm, tmp_path_factory):
+    return _tiny_pdae(guidekit_dpm, tmp_path_factory.mktemp("pdae") / "pdae")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_sample_cli_json(pdae_dir, latent_dir, tmp_path, capsys):
     assert z.shape == (4, LATENT_DIM)
 
 
-def test_wrong_pdae_is_one_line_error(tiny_dpm, latent_dir, tmp_path, capsys):
-    other = _tiny_pdae(tiny_dpm, tmp_path / "other", seed=1)
+def test_wrong_pdae_is_one_line_error(guidekit_dpm, latent_dir, tmp_path, capsys):
+    other = _tiny_pdae(guidekit_dpm, tmp_path / "other", seed=1)
     code, _, err = run_cli(capsys, "pdae", "sample", "--pdae", str(other), "--latent-dpm",
                            str(latent_dir), "--n", "2", "--steps", "2", "--latent-steps", "2",
                            "--out", str(tmp_path / "g.png"))

@@ -46,9 +46,9 @@ def test_batches_are_a_pure_function_of_step():
     assert sorted(epoch.tolist()) == list(range(96))  # one epoch covers each image once
 
 
-def test_existing_checkpoint_needs_resume(tiny_dpm, tmp_path):
+def test_existing_checkpoint_needs_resume(guidekit_dpm, tmp_path):
     out = tmp_path / "copy"
-    shutil.copytree(tiny_dpm, out)
+    shutil.copytree(guidekit_dpm, out)
     with pytest.raises(CheckpointError, match="pass --resume"):
         make_tiny_dpm(out, steps=2)
 
@@ -146,9 +146,9 @@ def test_not_a_checkpoint_error(tmp_path):
         load_dpm(tmp_path)
 
 
-def test_wrong_kind_error(tiny_dpm, tmp_path):
+def test_wrong_kind_error(guidekit_dpm, tmp_path):
     out = tmp_path / "clf"
-    shutil.copytree(tiny_dpm, out)
+    shutil.copytree(guidekit_dpm, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["kind"] = "classifier"
     (out / "config.json").write_text(json.dumps(cfg))
@@ -156,9 +156,9 @@ def test_wrong_kind_error(tiny_dpm, tmp_path):
         load_dpm(out)
 
 
-def test_wrong_shape_error(tiny_dpm, tmp_path):
+def test_wrong_shape_error(guidekit_dpm, tmp_path):
     out = tmp_path / "wide"
-    shutil.copytree(tiny_dpm, out)
+    shutil.copytree(guidekit_dpm, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg["model"]["config"]["model_channels"] = 16
     (out / "config.json").write_text(json.dumps(cfg))

@@ -3,6 +3,20 @@
 Registers the ``encoder_unet`` model, ``guidekit train classifier`` (the noisy classifier that
 guides) and ``guidekit train judge`` (a separate clean classifier that scores samples), the
 ``classifier`` guidance of ``guidekit sample``, ``guidekit eval``, and two quickstart steps.
+
+The same from Python (``__all__``)::
+
+    from guidekit_classifier import (evaluate_guidance, load_classifier, train_classifier,
+                                     train_judge)
+
+    train_classifier(data, "runs/clf", dpm="runs/ddpm")       # guidekit train classifier
+    train_judge(data, "runs/judge")                            # guidekit train judge
+    clf, judge = load_classifier("runs/clf"), load_classifier("runs/judge", "judge")
+    evaluate_guidance(dpm, clf, judge, [0, 4, 8])              # guidekit eval guidance
+
+Guided sampling is ``guidekit.sample`` with ``GuidanceRequest("classifier", scale,
+options={"classifier": "runs/clf", "class_": [3]})``, or :class:`ClassifierGuidance` in a
+``guidekit.GuidanceTerm`` for a ``guidekit.Sampler``.
 """
 
 from __future__ import annotations
@@ -10,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import typer
@@ -33,12 +47,15 @@ from guidekit.specs import (
 from guidekit.training import TrainConfig
 from guidekit.unet import ClassifierConfig, EncoderUNet
 
-from .guidance import build_classifier_guidance, guidance_options
+from .guidance import ClassifierGuidance, build_classifier_guidance, guidance_options
 from .training import (
     JUDGE_KIND,
     KIND,
     MODEL_NAME,
+    LoadedClassifier,
+    accuracy_by_t,
     default_config,
+    judge_accuracy,
     load_classifier,
     predict,
     train_classifier,
@@ -46,6 +63,35 @@ from .training import (
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ClassifierGuidance",
+    "LoadedClassifier",
+    "accuracy_by_t",
+    "best_grid",
+    "default_config",
+    "evaluate_guidance",
+    "judge_accuracy",
+    "load_classifier",
+    "plot_sweep",
+    "predict",
+    "train_classifier",
+    "train_judge",
+]
+
+# Imported on first use, as the ``eval`` commands are: a broken evaluate module must not stop
+# the plugin from loading.
+_EVALUATE = ("best_grid", "evaluate_guidance", "plot_sweep")
+if TYPE_CHECKING:
+    from .evaluate import best_grid, evaluate_guidance, plot_sweep
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EVALUATE:
+        from guidekit_classifier import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'guidekit_classifier' has no attribute '{name}'")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -2,6 +2,9 @@
 
 It down-weights the clean-up stage (high SNR) so training spends its capacity on content.
 γ = 0 is uniform; the paper uses k = 1 and γ ∈ {0.5, 1}.
+
+From Python: ``guidekit.train_ddpm(data, out, weighting="p2", weighting_options={"p2_gamma":
+0.5})``, or :func:`p2_weights` for the table itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from guidekit.schedule import NoiseSchedule
 from guidekit.specs import WeightingSpec
 
 __version__ = "0.1.0"
+
+__all__ = ["p2_weights"]
 
 
 def p2_weights(schedule: NoiseSchedule, p2_gamma: float = 1.0, p2_k: float = 1.0) -> torch.Tensor:

@@ -4,12 +4,27 @@ An encoder E_φ maps x_0 to z, and a gradient estimator G_ψ(x_t, z, t) learns t
 that fills the frozen DPM's posterior mean gap. Registers the ``pdae`` weighting, the ``pdae``
 trainer (and ``pdae-latent``, a DPM over z), the ``pdae`` guidance, the ``guidekit pdae``
 commands, and quickstart steps.
+
+Every command has a Python function in ``__all__``::
+
+    from guidekit_pdae import load_pdae, reconstruct, train_pdae
+
+    train_pdae(data, "runs/pdae", pretrained="runs/ddpm")     # guidekit train pdae
+    pdae = load_pdae("runs/pdae")
+    result = reconstruct(pdae, test.images[:64], steps=100)   # guidekit pdae reconstruct
+
+``encode_images`` (pdae encode), ``interpolate``, ``edit_held_out`` (manipulate),
+``posterior_mean_gap`` (gap), ``one_step_x0`` (onestep), ``linear_probe`` (probe),
+``train_pdae_latent`` and ``sample_pdae`` (pdae sample) do the rest; :class:`PDAEGuidance`
+is the ``pdae`` guidance for a ``guidekit.GuidanceTerm``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 import torch
@@ -21,15 +36,86 @@ from guidekit.hookspecs import hookimpl
 from guidekit.options import parse_plugin_options
 from guidekit.plugins import get_registry
 from guidekit.schedule import NoiseSchedule
-from guidekit.specs import GuidanceSpec, ModelSpec, TrainerSpec, WeightingSpec
+from guidekit.specs import GuidanceSpec, ModelSpec, QuickstartStep, TrainerSpec, WeightingSpec
 from guidekit.training import TrainConfig
 
-from .guidance import build_pdae_guidance, guidance_options
+from .guidance import (
+    PDAEGuidance,
+    build_pdae_guidance,
+    guidance_options,
+    load_latents,
+    save_latents,
+)
 from .latent import KIND as LATENT_KIND
-from .latent import latent_model_spec, train_latent_command
-from .training import KIND, train_pdae
+from .latent import (
+    LoadedLatentDPM,
+    latent_model_spec,
+    load_latent_dpm,
+    sample_pdae,
+    train_latent_command,
+    train_pdae_latent,
+)
+from .training import KIND, LoadedPDAE, load_pdae, train_pdae
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Direction",
+    "LoadedLatentDPM",
+    "LoadedPDAE",
+    "PDAEGuidance",
+    "edit_held_out",
+    "encode_images",
+    "fit_direction",
+    "interpolate",
+    "interpolation_grid",
+    "linear_probe",
+    "load_latent_dpm",
+    "load_latents",
+    "load_pdae",
+    "manipulate",
+    "one_step_x0",
+    "onestep_grid",
+    "pdae_weights",
+    "plot_gap",
+    "posterior_mean_gap",
+    "reconstruct",
+    "reconstruction_grid",
+    "sample_pdae",
+    "save_latents",
+    "train_pdae",
+    "train_pdae_latent",
+]
+
+# The command modules load on first use, as the ``guidekit pdae`` commands do: a broken one
+# must not stop the plugin from loading.
+_LAZY = {
+    "autoencoding": ("Direction", "edit_held_out", "encode_images", "fit_direction",
+                     "interpolate", "interpolation_grid", "manipulate", "reconstruct",
+                     "reconstruction_grid"),
+    "analysis": ("linear_probe", "one_step_x0", "onestep_grid", "plot_gap",
+                 "posterior_mean_gap"),
+}
+if TYPE_CHECKING:
+    from .analysis import linear_probe, one_step_x0, onestep_grid, plot_gap, posterior_mean_gap
+    from .autoencoding import (
+        Direction,
+        edit_held_out,
+        encode_images,
+        fit_direction,
+        interpolate,
+        interpolation_grid,
+        manipulate,
+        reconstruct,
+        reconstruction_grid,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
 
 
 def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float = 0.1) -> torch.Tensor:
@@ -125,3 +211,10 @@ def guidekit_commands(cli: typer.Typer) -> None:
     from .commands import pdae_app
 
     cli.add_typer(pdae_app, name="pdae")
+
+
+@hookimpl
+def guidekit_quickstart_steps() -> list[QuickstartStep]:
+    from .quickstart import quickstart_steps
+
+    return quickstart_steps()

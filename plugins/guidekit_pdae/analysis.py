@@ -1,6 +1,6 @@
 """Does PDAE fill the posterior mean gap? ``guidekit pdae gap``, ``onestep`` and ``probe``.
 
-- gap (the slides' Figure 3): per t, E‖μ − μ̃(x_t, x_0)‖² per pixel for the pre-trained mean
+- gap: per t, E‖μ − μ̃(x_t, x_0)‖² per pixel for the pre-trained mean
   μ_θ and for PDAE's μ_θ + β̃_t·G_ψ(x_t, E_φ(x_0), t), the mean its loss trains.
 - onestep (Figure 4): x̂_0 from x_t in one step, without and with the shift.
 - probe: how much of x_0's labels or factors a linear model reads off z = E_φ(x_0), against
@@ -324,7 +324,7 @@ def gap_command(
     device: str = DEVICE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Posterior mean gap per t of the pre-trained DPM and of PDAE (the slides' Figure 3)."""
+    """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
     x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
@@ -351,7 +351,7 @@ def onestep_command(
     device: str = DEVICE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """x̂_0 from x_t in one step, pre-trained vs PDAE (the slides' Figure 4)."""
+    """x̂_0 from x_t in one step, pre-trained vs PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
     x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)

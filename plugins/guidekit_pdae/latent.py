@@ -249,6 +249,7 @@ class LoadedLatentDPM:
 
     @property
     def latent_dim(self) -> int:
+        """Size of the z this latent DPM generates."""
         return int(self.mean.numel())
 
     @property

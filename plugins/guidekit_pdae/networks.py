@@ -78,8 +78,11 @@ class Encoder(nn.Module):
             layers += [normalization(ch), nn.SiLU(), conv3x3(ch, out),
                        normalization(out), nn.SiLU(), nn.Conv2d(out, out, 3, 2, 1)]
             ch = out
-        layers += [normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                   nn.Linear(ch, config.latent_dim)]
+        # Flatten rather than pool: G_ψ must know where the strokes are, and a pooled map
+        # keeps only what is there.
+        side = config.image_size // 2 ** len(config.channel_mult)
+        layers += [normalization(ch), nn.SiLU(), nn.Flatten(),
+                   nn.Linear(ch * side * side, config.latent_dim)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -176,10 +176,12 @@ class LoadedPDAE:
 
     @property
     def latent_dim(self) -> int:
+        """Size of z."""
         return self.model.encoder.config.latent_dim
 
     @property
     def device(self) -> torch.device:
+        """Where the networks live."""
         return next(self.model.parameters()).device
 
     @torch.no_grad()

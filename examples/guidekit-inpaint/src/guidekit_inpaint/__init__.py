@@ -1,0 +1,54 @@
+"""guidekit-inpaint: reconstruction guidance for inpainting, a third-party guidekit plugin.
+
+Registers the ``inpaint`` guidance (``guidekit sample --guidance inpaint --image IMG --mask
+MASK``) and the ``guidekit inpaint`` commands (``prepare``, ``evaluate``) through the
+``guidekit`` entry-point group declared in this package's pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import typer
+from guidekit.hookspecs import hookimpl
+from guidekit.specs import GuidanceSpec
+
+from .guidance import (
+    DEFAULT_NORM,
+    DEFAULT_SIGMAS,
+    NAME,
+    InpaintGuidance,
+    build_inpaint_guidance,
+    guidance_options,
+)
+from .inputs import MASKS, load_image, load_mask, named_mask
+
+__version__ = "0.1.0"
+
+
+@hookimpl
+def guidekit_guidances() -> list[GuidanceSpec]:
+    return [GuidanceSpec(NAME, build_inpaint_guidance, options=guidance_options(),
+                         help="−∇ ‖m ⊙ (x̂_0 − y)‖² / (2σ²) (DPS-normalised by default): keep "
+                         "--image where --mask is white.")]
+
+
+@hookimpl
+def guidekit_commands(cli: typer.Typer) -> None:
+    # imported here so the evaluation's imports (the classifier plugin) load only for the CLI
+    from .commands import inpaint_app
+
+    cli.add_typer(inpaint_app, name="inpaint")
+
+
+__all__ = [
+    "DEFAULT_NORM",
+    "DEFAULT_SIGMAS",
+    "MASKS",
+    "InpaintGuidance",
+    "__version__",
+    "build_inpaint_guidance",
+    "guidekit_commands",
+    "guidekit_guidances",
+    "load_image",
+    "load_mask",
+    "named_mask",
+]
