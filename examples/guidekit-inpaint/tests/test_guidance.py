@@ -13,7 +13,7 @@ from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from torch import Tensor, nn
 
 from guidekit_inpaint import InpaintGuidance, named_mask
-from guidekit_inpaint.evaluate import evaluate_inpainting, region_mse
+from guidekit_inpaint.evaluate import evaluate_inpainting, jsonable, region_mse
 
 T = 100
 
@@ -180,3 +180,23 @@ def test_guidance_keeps_the_known_region_on_the_tiny_dpm(guidekit_dpm, guidekit_
                                  sigmas=(0.1,))
     unguided, guided = result["rows"]
     assert guided["known_mse"] < 0.5 * unguided["known_mse"], result["rows"]
+
+
+def test_ddpm_needs_the_residual_norm(guidekit_dpm, guidekit_plugins) -> None:
+    """Why residual is the default: under DDPM's mean shift μ + Σ_t·g the likelihood form
+    overflows (x̂_0 is steep in x_t at high noise), while DPS's normalisation keeps the step
+    bounded. A diverged setting is reported as such, with no figures, and JSON stays valid."""
+    import json
+
+    from guidekit.ddpm import load_dpm
+
+    guidekit_plugins("inpaint")
+    dpm = load_dpm(guidekit_dpm)
+    kw = dict(n=8, steps=10, sampler="ddpm")
+    unguided, residual = evaluate_inpainting(dpm, None, **kw)["rows"]
+    assert not residual["diverged"], residual
+    assert residual["known_mse"] < 0.6 * unguided["known_mse"], (unguided, residual)
+    result = evaluate_inpainting(dpm, None, norm="sigma", sigmas=(0.1,), **kw)
+    likelihood = result["rows"][1]
+    assert likelihood["diverged"] and likelihood["known_mse"] is None
+    json.dumps(jsonable(result), allow_nan=False)
