@@ -28,19 +28,9 @@ from guidekit_classifier import (
 )
 
 import guidekit
+from guidekit.testing import make_tiny_dpm
 
 PER_CLASS = 8  # samples of each digit: one grid row
-
-
-def tiny_dpm(out: Path) -> Path:
-    """A DPM trained for a few steps: enough to run the example, not to see digits."""
-    data = guidekit.load_dataset("digits", "train")
-    unet = guidekit.UNetConfig(model_channels=8, channel_mult=(1, 2), attention_resolutions=(),
-                               num_heads=1)
-    guidekit.train_ddpm(data, out, unet=unet, schedule=guidekit.ScheduleConfig(num_timesteps=100),
-                        config=guidekit.TrainConfig(steps=4, batch_size=16), samples=0,
-                        progress=False)
-    return out
 
 
 def accuracy(probs: torch.Tensor, target: torch.Tensor) -> float:
@@ -60,7 +50,8 @@ def main() -> None:
     if args.dpm is None and not args.tiny:
         parser.exit(2, "error: give --dpm DPM_CHECKPOINT (from examples/train_dpm.py), "
                     "or --tiny\n")
-    dpm_path = args.dpm or tiny_dpm(args.out / "ddpm")
+    # --tiny: guidekit's own few-step test DPM, enough to run, not to see digits
+    dpm_path = args.dpm or make_tiny_dpm(args.out / "ddpm")
     train, test = guidekit.load_dataset("digits", "train"), guidekit.load_dataset("digits", "test")
 
     # Both classifiers are small encoder UNets; the guide sees x_t at every t of the DPM's

@@ -21,17 +21,7 @@ from pathlib import Path
 from guidekit_pdae import load_pdae, reconstruct, reconstruction_grid, train_pdae
 
 import guidekit
-
-
-def tiny_dpm(out: Path) -> Path:
-    """A DPM trained for a few steps: enough to run the example, not to see digits."""
-    data = guidekit.load_dataset("digits", "train")
-    unet = guidekit.UNetConfig(model_channels=8, channel_mult=(1, 2), attention_resolutions=(),
-                               num_heads=1)
-    guidekit.train_ddpm(data, out, unet=unet, schedule=guidekit.ScheduleConfig(num_timesteps=100),
-                        config=guidekit.TrainConfig(steps=4, batch_size=16), samples=0,
-                        progress=False)
-    return out
+from guidekit.testing import make_tiny_dpm
 
 
 def main() -> None:
@@ -46,7 +36,8 @@ def main() -> None:
     if args.dpm is None and not args.tiny:
         parser.exit(2, "error: give --dpm DPM_CHECKPOINT (from examples/train_dpm.py), "
                     "or --tiny\n")
-    dpm_path = args.dpm or tiny_dpm(args.out / "ddpm")
+    # --tiny: guidekit's own few-step test DPM, enough to run, not to see digits
+    dpm_path = args.dpm or make_tiny_dpm(args.out / "ddpm")
 
     # Train E_φ (x_0 → z) and G_ψ (the mean shift toward z) with the PDAE weighting; ε_θ frozen.
     if args.tiny:

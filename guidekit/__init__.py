@@ -22,47 +22,48 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> (module, attribute there); the attribute differs only for train_ddpm
-_EXPORTS: dict[str, tuple[str, str]] = {
+# public name -> the module that defines it (imported on first use)
+_EXPORTS: dict[str, str] = {
     # a trained DPM and DDPM training
-    "DPM": ("guidekit.ddpm", "DPM"),
-    "load_dpm": ("guidekit.ddpm", "load_dpm"),
-    "train_ddpm": ("guidekit.ddpm", "train"),
-    "TrainConfig": ("guidekit.training", "TrainConfig"),
-    "UNetConfig": ("guidekit.unet", "UNetConfig"),
-    "ScheduleConfig": ("guidekit.schedule", "ScheduleConfig"),
-    "NoiseSchedule": ("guidekit.schedule", "NoiseSchedule"),
+    "DPM": "guidekit.ddpm",
+    "load_dpm": "guidekit.ddpm",
+    "train_ddpm": "guidekit.ddpm",
+    "TrainConfig": "guidekit.training",
+    "UNetConfig": "guidekit.unet",
+    "ScheduleConfig": "guidekit.schedule",
+    "NoiseSchedule": "guidekit.schedule",
     # data
-    "ImageData": ("guidekit.data", "ImageData"),
-    "load_dataset": ("guidekit.data", "load_dataset"),
-    "save_image_grid": ("guidekit.data", "save_image_grid"),
-    "save_images": ("guidekit.data", "save_images"),
+    "ImageData": "guidekit.data",
+    "load_dataset": "guidekit.data",
+    "save_image_grid": "guidekit.data",
+    "save_images": "guidekit.data",
     # sampling and guidance
-    "sample": ("guidekit.sampling", "sample"),
-    "GuidanceRequest": ("guidekit.sampling", "GuidanceRequest"),
-    "Sampler": ("guidekit.engine", "Sampler"),
-    "Guidance": ("guidekit.guidance", "Guidance"),
-    "GuidanceTerm": ("guidekit.guidance", "GuidanceTerm"),
-    "StepInput": ("guidekit.guidance", "StepInput"),
+    "sample": "guidekit.sampling",
+    "GuidanceRequest": "guidekit.sampling",
+    "Sampler": "guidekit.engine",
+    "Guidance": "guidekit.guidance",
+    "GuidanceTerm": "guidekit.guidance",
+    "StepInput": "guidekit.guidance",
     # plugins: the registry, the hook marker and the specs a hook returns
-    "get_registry": ("guidekit.plugins", "get_registry"),
-    "hookimpl": ("guidekit.hookspecs", "hookimpl"),
-    "GuidanceSpec": ("guidekit.specs", "GuidanceSpec"),
-    "GuidanceContext": ("guidekit.specs", "GuidanceContext"),
-    "WeightingSpec": ("guidekit.specs", "WeightingSpec"),
-    "TrainerSpec": ("guidekit.specs", "TrainerSpec"),
-    "ModelSpec": ("guidekit.specs", "ModelSpec"),
-    "DatasetSpec": ("guidekit.specs", "DatasetSpec"),
-    "QuickstartStep": ("guidekit.specs", "QuickstartStep"),
-    "QuickstartContext": ("guidekit.specs", "QuickstartContext"),
-    "StepReport": ("guidekit.specs", "StepReport"),
-    "run_quickstart": ("guidekit.quickstart", "run_quickstart"),
+    "get_registry": "guidekit.plugins",
+    "hookimpl": "guidekit.hookspecs",
+    "GuidanceSpec": "guidekit.specs",
+    "GuidanceContext": "guidekit.specs",
+    "WeightingSpec": "guidekit.specs",
+    "TrainerSpec": "guidekit.specs",
+    "ModelSpec": "guidekit.specs",
+    "DatasetSpec": "guidekit.specs",
+    "QuickstartStep": "guidekit.specs",
+    "QuickstartContext": "guidekit.specs",
+    "StepReport": "guidekit.specs",
+    "run_quickstart": "guidekit.quickstart",
     # errors
-    "GuidekitError": ("guidekit.errors", "GuidekitError"),
-    "CheckpointError": ("guidekit.errors", "CheckpointError"),
-    "PluginError": ("guidekit.errors", "PluginError"),
+    "GuidekitError": "guidekit.errors",
+    "CheckpointError": "guidekit.errors",
+    "PluginError": "guidekit.errors",
 }
 
+# a literal, so linters and type checkers see the re-exports; a test keeps it == _EXPORTS
 __all__ = [
     "CheckpointError",
     "DPM",
@@ -103,8 +104,7 @@ def __getattr__(name: str) -> Any:
     # PEP 562: import on first use, so the pytest plugin and `guidekit --help` need no torch
     if name not in _EXPORTS:
         raise AttributeError(f"module 'guidekit' has no attribute '{name}'")
-    module, attr = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attr)
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 
@@ -115,8 +115,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from guidekit.data import ImageData, load_dataset, save_image_grid, save_images
-    from guidekit.ddpm import DPM, load_dpm
-    from guidekit.ddpm import train as train_ddpm
+    from guidekit.ddpm import DPM, load_dpm, train_ddpm
     from guidekit.engine import Sampler
     from guidekit.errors import CheckpointError, GuidekitError, PluginError
     from guidekit.guidance import Guidance, GuidanceTerm, StepInput

@@ -50,21 +50,21 @@ def guidekit_datasets() -> list[DatasetSpec]:
 
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
-    from guidekit.ddpm import train_ddpm
+    from guidekit.ddpm import train_ddpm_command
 
-    return [TrainerSpec("ddpm", train_ddpm, help="Train a DDPM noise predictor.")]
+    return [TrainerSpec("ddpm", train_ddpm_command, help="Train a DDPM noise predictor.")]
 
 
 def quickstart_ddpm(ctx: QuickstartContext) -> StepReport:
     """Train the DDPM every later step guides or builds on."""
     from guidekit.data import load_dataset
-    from guidekit.ddpm import sample_grid, train
+    from guidekit.ddpm import sample_grid, train_ddpm
     from guidekit.training import TrainConfig
 
     data = load_dataset("digits", "train")
     steps = 30 if ctx.fast else QUICKSTART_DDPM_STEPS
     out = ctx.out / "ddpm"
-    summary = train(
+    summary = train_ddpm(
         data, out,
         config=TrainConfig(steps=steps, seed=ctx.seed, save_every=steps,
                            log_every=max(steps // 20, 1)),

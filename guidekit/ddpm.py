@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,11 @@ import typer
 from torch import Tensor, nn
 
 from guidekit import ops
+from guidekit import trainer_options as opt
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
 from guidekit.data import ImageData, load_dataset, save_image_grid
-from guidekit.distributed import is_main_process
 from guidekit.engine import Sampler
 from guidekit.errors import GuidekitError
-from guidekit.options import parse_plugin_options
 from guidekit.plugins import get_registry
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.training import TrainConfig, fit
@@ -159,7 +157,7 @@ def weighting_table(
     return weights
 
 
-def train(
+def train_ddpm(
     data: ImageData,
     out: str | Path,
     *,
@@ -202,39 +200,37 @@ def train(
     return summary
 
 
-def train_ddpm(
+def train_ddpm_command(
     ctx: typer.Context,
-    data: str = typer.Option("digits", help="Dataset name or a folder of images."),
-    out: Path = typer.Option(Path("runs/ddpm"), help="Checkpoint directory."),
-    steps: int = typer.Option(2000, help="Optimisation steps."),
-    batch_size: int = typer.Option(32, help="Global batch size (split across processes)."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used to sample."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
-    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
-    model_channels: int = typer.Option(32, help="UNet base width."),
-    channel_mult: str = typer.Option("1,2,2", help="Width multiplier per UNet level."),
-    num_res_blocks: int = typer.Option(1, help="Residual blocks per level."),
-    attention: str = typer.Option("8", help="Feature-map sizes with self-attention."),
-    dropout: float = typer.Option(0.0, help="Dropout in residual blocks."),
+    data: opt.Data = "digits",
+    out: opt.Out = Path("runs/ddpm"),
+    steps: opt.Steps = 2000,
+    batch_size: opt.BatchSize = 32,
+    lr: opt.LR = 1e-3,
+    weight_decay: opt.WeightDecay = 0.0,
+    ema_decay: opt.EMADecay = 0.995,
+    grad_clip: opt.GradClip = 1.0,
+    image_size: opt.ImageSize = None,
+    model_channels: opt.ModelChannels = 32,
+    channel_mult: opt.ChannelMult = "1,2,2",
+    num_res_blocks: opt.NumResBlocks = 1,
+    attention: opt.Attention = "8",
+    dropout: opt.Dropout = 0.0,
     schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
     timesteps: int = typer.Option(1000, help="Training timesteps T."),
-    weighting: str = typer.Option("uniform", help="Loss weighting plugin (e.g. p2)."),
-    seed: int = typer.Option(0, help="Seed of every random stream."),
-    bf16: bool = typer.Option(False, help="bf16 autocast."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
-    save_every: int = typer.Option(500, help="Steps between checkpoints."),
-    log_every: int = typer.Option(50, help="Steps between metric lines."),
+    weighting: opt.Weighting = "uniform",
+    seed: opt.Seed = 0,
+    bf16: opt.BF16 = False,
+    compile: opt.Compile = False,
+    device: opt.Device = None,
+    resume: opt.Resume = False,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 50,
     samples: int = typer.Option(64, help="Sample grid size written at the end (0: none)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: opt.JSONOut = False,
 ) -> None:
     """Train a DDPM noise predictor ε_θ. Weighting options (e.g. --p2-gamma) follow --weighting."""
     images = load_dataset(data, "train", image_size, seed)
-    spec = get_registry().weighting(weighting)
-    (weighting_options,) = parse_plugin_options([(f"weighting '{weighting}'", spec.options)],
-                                                ctx.args)
     unet_cfg = UNetConfig(
         image_size=images.image_size,
         in_channels=images.channels,
@@ -244,20 +240,10 @@ def train_ddpm(
         attention_resolutions=parse_ints(attention, "--attention"),
         dropout=dropout,
     )
-    cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-        bf16=bf16, compile=compile, seed=seed, save_every=save_every, log_every=log_every,
-        device=device,
-    )
-    summary = train(
+    summary = train_ddpm(
         images, out, unet=unet_cfg,
         schedule=ScheduleConfig(kind=schedule, num_timesteps=timesteps),
-        weighting=weighting, weighting_options=weighting_options, config=cfg, resume=resume,
-        samples=samples, progress=not json_out,
+        weighting=weighting, weighting_options=opt.weighting_options(ctx),
+        config=opt.train_config(ctx), resume=resume, samples=samples, progress=not json_out,
     )
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-    else:
-        typer.echo(f"trained {KIND} in {summary['seconds']} s -> {out}")
+    opt.report(summary, json_out, f"trained {KIND} in {summary['seconds']} s -> {out}")

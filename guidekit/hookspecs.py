@@ -102,27 +102,33 @@ def guidekit_trainers() -> list[TrainerSpec]:
     """Register training commands, each reachable as ``guidekit train NAME``.
 
     Return a list of :class:`~guidekit.specs.TrainerSpec` whose ``command`` is a typer
-    command function: its ``typer.Option`` parameters become the command's options and its
-    docstring the command's help. Use :func:`guidekit.training.fit` for the loop,
-    checkpoints and resumption. The command receives arguments it does not declare in
-    ``ctx.args`` (give it a ``ctx: typer.Context`` first parameter): they are how weighting
-    options reach a trainer with a ``weighting`` parameter, and any other trainer should
-    reject them.
+    command function: its parameters become the command's options and its docstring the
+    command's help. :mod:`guidekit.trainer_options` holds the options every trainer shares
+    (``Steps``, ``LR``, ``JSONOut``, ...; each command picks its defaults), ``train_config(ctx)``
+    turns them into a :class:`~guidekit.training.TrainConfig`, and ``report`` prints the
+    result; :func:`guidekit.training.fit` runs the loop, checkpoints and resumption. Give the
+    command a ``ctx: typer.Context`` first parameter: arguments it does not declare arrive in
+    ``ctx.args``, which are the options of ``--weighting`` for a trainer that takes one, and
+    ``train_config`` rejects them for any other.
 
     Example::
 
+        from pathlib import Path
+
         import typer
-        from guidekit import GuidekitError, hookimpl
+        from guidekit import hookimpl
+        from guidekit import trainer_options as opt
         from guidekit.specs import TrainerSpec
 
         def train_mine(
             ctx: typer.Context,
-            steps: int = typer.Option(100, help="Optimisation steps."),
-            json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+            out: opt.Out = Path("runs/mine"),
+            steps: opt.Steps = 100,
+            json_out: opt.JSONOut = False,
         ) -> None:
-            if ctx.args:
-                raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
-            typer.echo(f'{{"steps": {steps}}}' if json_out else f"trained for {steps} steps")
+            config = opt.train_config(ctx)  # steps=100, the rest TrainConfig's defaults
+            summary = {"steps": config.steps, "checkpoint": str(out)}
+            opt.report(summary, json_out, f"trained for {config.steps} steps -> {out}")
 
         @hookimpl
         def guidekit_trainers():

@@ -9,17 +9,18 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
+from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
 _KINDS = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(ConfigMixin):
     """How β_t is laid out over the T training steps."""
 
     kind: str = "linear"
@@ -33,18 +34,6 @@ class ScheduleConfig:
             raise GuidekitError(f"unknown schedule '{self.kind}': choose one of {choices}")
         if self.num_timesteps < 1:
             raise GuidekitError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
-
-    def to_dict(self) -> dict:
-        """The config as plain JSON values."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ScheduleConfig:
-        """Inverse of :meth:`to_dict`."""
-        unknown = set(d) - {"kind", "num_timesteps", "beta_start", "beta_end"}
-        if unknown:
-            raise GuidekitError(f"unknown schedule setting(s) {sorted(unknown)} in config")
-        return cls(**d)
 
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:

@@ -28,11 +28,11 @@ def make_tiny_dpm(
 ) -> Path:
     """Train (or, with ``resume``, continue) a tiny DDPM checkpoint in ``out``; no sample
     grid. ``train_kwargs`` go to :class:`~guidekit.training.TrainConfig`."""
-    from guidekit.ddpm import train
+    from guidekit.ddpm import train_ddpm
 
     images = load_dataset(data, "train")
     cfg = TrainConfig(steps=steps, batch_size=16, log_every=1, save_every=steps, **train_kwargs)
-    train(
+    train_ddpm(
         images, out, unet=tiny_unet_config(images),
         schedule=ScheduleConfig(num_timesteps=timesteps), config=cfg, resume=resume, samples=0,
         progress=False,

@@ -8,23 +8,20 @@ the models compile with ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
 # --------------------------------------------------------------------------- configs
 
-_C = TypeVar("_C", bound="BackboneConfig")
-
-
 @dataclass
-class BackboneConfig:
+class BackboneConfig(ConfigMixin):
     """Fields shared by the UNet and the classifier: the down path + middle block."""
 
     image_size: int = 16
@@ -80,18 +77,6 @@ class BackboneConfig:
             raise GuidekitError(f"{name}: middle-block channels "
                                 f"{self.model_channels * self.channel_mult[-1]} are not "
                                 f"divisible by num_heads={self.num_heads}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise GuidekitError(f"unknown {cls.__name__} key {key!r}; "
-                                    f"known keys: {', '.join(sorted(known))}")
-        return cls(**d)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from PIL import Image
 
 from guidekit import ops
 from guidekit.data import ImageData, load_dataset, make_shapes, save_images
-from guidekit.ddpm import train
+from guidekit.ddpm import train_ddpm
 from guidekit.errors import GuidekitError
 from guidekit.schedule import ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli, tiny_unet_config
@@ -185,7 +185,7 @@ def shapes_pdae(tmp_path_factory):
     """A tiny DPM and PDAE on 16 px shapes, a few steps each."""
     root = tmp_path_factory.mktemp("shapes")
     data = make_shapes("train", n=256, image_size=16)
-    train(data, root / "ddpm", unet=tiny_unet_config(data),
+    train_ddpm(data, root / "ddpm", unet=tiny_unet_config(data),
           schedule=ScheduleConfig(num_timesteps=T), config=_cfg(2), samples=0, progress=False)
     train_pdae(data, root / "pdae", pretrained=root / "ddpm", latent_dim=8, encoder_channels=8,
                config=_cfg(2), progress=False)

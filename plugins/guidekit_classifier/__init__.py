@@ -21,18 +21,16 @@ options={"classifier": "runs/clf", "class_": [3]})``, or :class:`ClassifierGuida
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from guidekit import trainer_options as opt
 from guidekit.data import load_dataset, save_image_grid
-from guidekit.distributed import is_main_process
 from guidekit.errors import GuidekitError
 from guidekit.hookspecs import hookimpl
 from guidekit.schedule import ScheduleConfig
@@ -97,12 +95,6 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------- CLI
 
 
-def _no_extra_args(ctx: typer.Context) -> None:
-    # trainers accept unknown options (for weighting plugins); these take none
-    if ctx.args:
-        raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
-
-
 def _model_config(data: Any, model_channels: int, channel_mult: str, num_res_blocks: int,
                   attention: str, num_heads: int, dropout: float) -> ClassifierConfig:
     from guidekit.ddpm import parse_ints
@@ -123,38 +115,41 @@ def accuracy_table(rows: list[dict[str, Any]], title: str = "held-out accuracy b
     return table
 
 
+LabelledData = Annotated[str, typer.Option(help="A labelled dataset name (digits, shapes).")]
+
+
 def train_classifier_command(
     ctx: typer.Context,
-    data: str = typer.Option("digits", help="A labelled dataset name (digits, shapes)."),
-    out: Path = typer.Option(Path("runs/classifier"), help="Checkpoint directory."),
+    data: LabelledData = "digits",
+    out: opt.Out = Path("runs/classifier"),
     dpm: Path = typer.Option(None, help="The DDPM checkpoint to guide; its schedule is used."),
     schedule: str = typer.Option(None, help="Noise schedule without --dpm (default linear)."),
     timesteps: int = typer.Option(None, help="Training timesteps T without --dpm (default 1000)."),
-    steps: int = typer.Option(1500, help="Optimisation steps."),
-    batch_size: int = typer.Option(64, help="Global batch size."),
-    lr: float = typer.Option(5e-3, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    ema_decay: float = typer.Option(0.99, help="EMA decay of the weights used to guide."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
-    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
-    model_channels: int = typer.Option(16, help="Base width."),
-    channel_mult: str = typer.Option("1,2,2", help="Width multiplier per level."),
-    num_res_blocks: int = typer.Option(1, help="Residual blocks per level."),
-    attention: str = typer.Option("", help="Feature-map sizes with self-attention."),
-    num_heads: int = typer.Option(4, help="Attention heads."),
-    dropout: float = typer.Option(0.0, help="Dropout in residual blocks."),
-    seed: int = typer.Option(0, help="Seed of every random stream."),
-    bf16: bool = typer.Option(False, help="bf16 autocast."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
-    save_every: int = typer.Option(500, help="Steps between checkpoints."),
-    log_every: int = typer.Option(50, help="Steps between metric lines."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    steps: opt.Steps = 1500,
+    batch_size: opt.BatchSize = 64,
+    lr: opt.LR = 5e-3,
+    weight_decay: opt.WeightDecay = 0.0,
+    ema_decay: opt.EMADecay = 0.99,
+    grad_clip: opt.GradClip = 1.0,
+    image_size: opt.ImageSize = None,
+    model_channels: opt.ModelChannels = 16,
+    channel_mult: opt.ChannelMult = "1,2,2",
+    num_res_blocks: opt.NumResBlocks = 1,
+    attention: opt.Attention = "",
+    num_heads: opt.NumHeads = 4,
+    dropout: opt.Dropout = 0.0,
+    seed: opt.Seed = 0,
+    bf16: opt.BF16 = False,
+    compile: opt.Compile = False,
+    device: opt.Device = None,
+    resume: opt.Resume = False,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 50,
+    json_out: opt.JSONOut = False,
 ) -> None:
     """Train the noisy classifier p(y | x_t, t) that guides `guidekit sample --guidance
     classifier`. Give --dpm so it learns the DPM's schedule."""
-    _no_extra_args(ctx)
+    config = opt.train_config(ctx)
     if dpm is not None and (schedule is not None or timesteps is not None):
         raise GuidekitError("the schedule comes from --dpm: drop --schedule/--timesteps")
     sched = None if dpm else ScheduleConfig(kind=schedule or "linear",
@@ -162,70 +157,52 @@ def train_classifier_command(
     images = load_dataset(data, "train", image_size, seed)
     model = _model_config(images, model_channels, channel_mult, num_res_blocks, attention,
                           num_heads, dropout)
-    cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, bf16=bf16, compile=compile, seed=seed,
-        save_every=save_every, log_every=log_every, device=device,
-    )
     summary = train_classifier(
-        images, out, dpm=dpm, schedule=sched, model=model, config=cfg, resume=resume,
+        images, out, dpm=dpm, schedule=sched, model=model, config=config, resume=resume,
         progress=not json_out, test=load_dataset(data, "test", images.image_size, seed),
     )
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    Console().print(accuracy_table(summary["accuracy_by_t"]))
-    typer.echo(f"trained {KIND} in {summary['seconds']} s -> {out}")
+    opt.report(summary, json_out, accuracy_table(summary["accuracy_by_t"]),
+               f"trained {KIND} in {summary['seconds']} s -> {out}")
 
 
 def train_judge_command(
     ctx: typer.Context,
-    data: str = typer.Option("digits", help="A labelled dataset name (digits, shapes)."),
-    out: Path = typer.Option(Path("runs/judge"), help="Checkpoint directory."),
-    steps: int = typer.Option(500, help="Optimisation steps."),
-    batch_size: int = typer.Option(64, help="Global batch size."),
-    lr: float = typer.Option(5e-3, help="AdamW learning rate."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    ema_decay: float = typer.Option(0.99, help="EMA decay of the weights used to judge."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
-    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
-    model_channels: int = typer.Option(16, help="Base width."),
-    channel_mult: str = typer.Option("1,2,2", help="Width multiplier per level."),
-    num_res_blocks: int = typer.Option(1, help="Residual blocks per level."),
-    attention: str = typer.Option("", help="Feature-map sizes with self-attention."),
-    num_heads: int = typer.Option(4, help="Attention heads."),
-    dropout: float = typer.Option(0.0, help="Dropout in residual blocks."),
-    seed: int = typer.Option(0, help="Seed of every random stream."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
-    save_every: int = typer.Option(500, help="Steps between checkpoints."),
-    log_every: int = typer.Option(50, help="Steps between metric lines."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    data: LabelledData = "digits",
+    out: opt.Out = Path("runs/judge"),
+    steps: opt.Steps = 500,
+    batch_size: opt.BatchSize = 64,
+    lr: opt.LR = 5e-3,
+    weight_decay: opt.WeightDecay = 0.0,
+    ema_decay: opt.EMADecay = 0.99,
+    grad_clip: opt.GradClip = 1.0,
+    image_size: opt.ImageSize = None,
+    model_channels: opt.ModelChannels = 16,
+    channel_mult: opt.ChannelMult = "1,2,2",
+    num_res_blocks: opt.NumResBlocks = 1,
+    attention: opt.Attention = "",
+    num_heads: opt.NumHeads = 4,
+    dropout: opt.Dropout = 0.0,
+    seed: opt.Seed = 0,
+    bf16: opt.BF16 = False,
+    compile: opt.Compile = False,
+    device: opt.Device = None,
+    resume: opt.Resume = False,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 50,
+    json_out: opt.JSONOut = False,
 ) -> None:
     """Train a clean classifier (t = 0) that judges generated samples; keep it separate from
     the guiding classifier."""
-    _no_extra_args(ctx)
+    config = opt.train_config(ctx)
     images = load_dataset(data, "train", image_size, seed)
     model = _model_config(images, model_channels, channel_mult, num_res_blocks, attention,
                           num_heads, dropout)
-    cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, save_every=save_every,
-        log_every=log_every, device=device,
-    )
     summary = train_judge(
-        images, out, model=model, config=cfg, resume=resume, progress=not json_out,
+        images, out, model=model, config=config, resume=resume, progress=not json_out,
         test=load_dataset(data, "test", images.image_size, seed),
     )
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    typer.echo(f"held-out accuracy {summary['test_accuracy']:.4f}")
-    typer.echo(f"trained {JUDGE_KIND} in {summary['seconds']} s -> {out}")
+    opt.report(summary, json_out, f"held-out accuracy {summary['test_accuracy']:.4f}",
+               f"trained {JUDGE_KIND} in {summary['seconds']} s -> {out}")
 
 
 # --------------------------------------------------------------------------- quickstart

@@ -22,7 +22,6 @@ is the ``pdae`` guidance for a ``guidekit.GuidanceTerm``.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +29,11 @@ import click
 import torch
 import typer
 
+from guidekit import trainer_options as opt
 from guidekit.data import load_dataset
-from guidekit.distributed import is_main_process
 from guidekit.hookspecs import hookimpl
-from guidekit.options import parse_plugin_options
-from guidekit.plugins import get_registry
 from guidekit.schedule import NoiseSchedule
 from guidekit.specs import GuidanceSpec, ModelSpec, QuickstartStep, TrainerSpec, WeightingSpec
-from guidekit.training import TrainConfig
 
 from .guidance import (
     PDAEGuidance,
@@ -127,49 +123,37 @@ def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float = 0.1) -> torch.Tens
 def train_pdae_command(
     ctx: typer.Context,
     pretrained: Path = typer.Option(..., help="The frozen DDPM checkpoint to build on."),
-    data: str = typer.Option("digits", help="Dataset name or a folder of images."),
-    out: Path = typer.Option(Path("runs/pdae"), help="Checkpoint directory."),
+    data: opt.Data = "digits",
+    out: opt.Out = Path("runs/pdae"),
     latent_dim: int = typer.Option(64, help="Size of z."),
     encoder_channels: int = typer.Option(32, help="Base width of the encoder E_φ."),
-    weighting: str = typer.Option("pdae", help="Loss weighting plugin (pdae, p2, uniform)."),
-    steps: int = typer.Option(2000, help="Optimisation steps."),
-    batch_size: int = typer.Option(32, help="Global batch size (split across processes)."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used at inference."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
-    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
-    seed: int = typer.Option(0, help="Seed of every random stream."),
-    bf16: bool = typer.Option(False, help="bf16 autocast."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile E_φ and G_ψ."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
-    save_every: int = typer.Option(500, help="Steps between checkpoints."),
-    log_every: int = typer.Option(50, help="Steps between metric lines."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    weighting: opt.Weighting = "pdae",
+    steps: opt.Steps = 2000,
+    batch_size: opt.BatchSize = 32,
+    lr: opt.LR = 1e-3,
+    weight_decay: opt.WeightDecay = 0.0,
+    ema_decay: opt.EMADecay = 0.995,
+    grad_clip: opt.GradClip = 1.0,
+    image_size: opt.ImageSize = None,
+    seed: opt.Seed = 0,
+    bf16: opt.BF16 = False,
+    compile: opt.Compile = False,
+    device: opt.Device = None,
+    resume: opt.Resume = False,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 50,
+    json_out: opt.JSONOut = False,
 ) -> None:
     """Train PDAE's encoder and gradient estimator on a frozen DPM (its weights never change).
     Weighting options (e.g. --pdae-gamma) follow --weighting."""
     images = load_dataset(data, "train", image_size, seed)
-    spec = get_registry().weighting(weighting)
-    (weighting_options,) = parse_plugin_options([(f"weighting '{weighting}'", spec.options)],
-                                                ctx.args)
-    cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-        bf16=bf16, compile=compile, seed=seed, save_every=save_every, log_every=log_every,
-        device=device,
-    )
     summary = train_pdae(
         images, out, pretrained=pretrained, latent_dim=latent_dim,
         encoder_channels=encoder_channels, weighting=weighting,
-        weighting_options=weighting_options, config=cfg, resume=resume,
-        progress=not json_out,
+        weighting_options=opt.weighting_options(ctx), config=opt.train_config(ctx),
+        resume=resume, progress=not json_out,
     )
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-    else:
-        typer.echo(f"trained {KIND} in {summary['seconds']} s -> {out}")
+    opt.report(summary, json_out, f"trained {KIND} in {summary['seconds']} s -> {out}")
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from guidekit import ops
+from guidekit import trainer_options as opt
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
+from guidekit.config import ConfigMixin
 from guidekit.data import ImageData, load_dataset, save_image_grid
 from guidekit.ddpm import DPM, data_meta, per_sample_mse
-from guidekit.distributed import is_main_process
 from guidekit.errors import CheckpointError, GuidekitError
 from guidekit.guidance import GuidanceTerm
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
@@ -48,7 +49,7 @@ STD_FLOOR = 1e-6  # a constant latent dimension must not divide by zero
 
 
 @dataclass
-class LatentMLPConfig:
+class LatentMLPConfig(ConfigMixin):
     """A residual MLP ε-predictor over D-dimensional latents."""
 
     latent_dim: int = 64
@@ -60,17 +61,6 @@ class LatentMLPConfig:
             if getattr(self, key) < 1:
                 raise GuidekitError(f"LatentMLPConfig.{key} must be >= 1, "
                                     f"got {getattr(self, key)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatentMLPConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise GuidekitError(f"unknown LatentMLPConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class LatentBlock(nn.Module):
@@ -362,45 +352,39 @@ def train_latent_command(
     ctx: typer.Context,
     pdae: Path = typer.Option(..., help="The PDAE checkpoint whose latents are modelled."),
     data: str = typer.Option("digits", help="Dataset to encode (the PDAE's training data)."),
-    out: Path = typer.Option(Path("runs/pdae_latent"), help="Checkpoint directory."),
-    image_size: int = typer.Option(None, help="Resize images (default: the dataset's size)."),
+    out: opt.Out = Path("runs/pdae_latent"),
+    image_size: opt.ImageSize = None,
     hidden: int = typer.Option(512, help="Width of the MLP."),
     depth: int = typer.Option(4, help="Residual MLP blocks."),
     schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
     timesteps: int = typer.Option(1000, help="Training timesteps T of the latent DPM."),
-    steps: int = typer.Option(3000, help="Optimisation steps."),
-    batch_size: int = typer.Option(256, help="Global batch size."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
-    ema_decay: float = typer.Option(0.995, help="EMA decay of the weights used to sample."),
-    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
-    seed: int = typer.Option(0, help="Seed of every random stream."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    resume: bool = typer.Option(False, help="Continue the checkpoint in --out."),
-    save_every: int = typer.Option(500, help="Steps between checkpoints."),
-    log_every: int = typer.Option(50, help="Steps between metric lines."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    steps: opt.Steps = 3000,
+    batch_size: opt.BatchSize = 256,
+    lr: opt.LR = 1e-3,
+    weight_decay: opt.WeightDecay = 0.0,
+    ema_decay: opt.EMADecay = 0.995,
+    grad_clip: opt.GradClip = 1.0,
+    seed: opt.Seed = 0,
+    bf16: opt.BF16 = False,
+    compile: opt.Compile = False,
+    device: opt.Device = None,
+    resume: opt.Resume = False,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 50,
+    json_out: opt.JSONOut = False,
 ) -> None:
     """Train a latent DPM over a PDAE's z (encoded from --data), so `guidekit pdae sample`
     can generate new images."""
-    if ctx.args:  # trainers accept unknown options (for weighting plugins); this takes none
-        raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
-    sched = ScheduleConfig(kind=schedule, num_timesteps=timesteps)
-    cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, grad_clip=grad_clip,
-        seed=seed, save_every=save_every, log_every=log_every, device=device,
-    )
+    config = opt.train_config(ctx)
     images = load_dataset(data, "train", image_size, seed)
     encode_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = train_pdae_latent(pdae, images, out, hidden=hidden, depth=depth, schedule=sched,
-                                config=cfg, resume=resume, progress=not json_out,
-                                device=encode_device)
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-    else:
-        typer.echo(f"trained {KIND} on {summary['latents']} latents of dim "
-                   f"{summary['latent_dim']} in {summary['seconds']} s -> {out}")
+    summary = train_pdae_latent(
+        pdae, images, out, hidden=hidden, depth=depth,
+        schedule=ScheduleConfig(kind=schedule, num_timesteps=timesteps), config=config,
+        resume=resume, progress=not json_out, device=encode_device,
+    )
+    opt.report(summary, json_out, f"trained {KIND} on {summary['latents']} latents of dim "
+               f"{summary['latent_dim']} in {summary['seconds']} s -> {out}")
 
 
 def sample_command(

@@ -9,12 +9,13 @@ G_ψ's output layer is zero-initialised, so PDAE starts as the pre-trained DPM.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 from guidekit.unet import (
     AttentionBlock,
@@ -31,7 +32,7 @@ from guidekit.unet import (
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(ConfigMixin):
     """A strided CNN: ``channels * mult`` per level, each level halving the image."""
 
     image_size: int = 16
@@ -52,17 +53,6 @@ class EncoderConfig:
             raise GuidekitError(
                 f"EncoderConfig: image_size {self.image_size} is not divisible by "
                 f"{2 ** len(self.channel_mult)} (one halving per channel_mult level)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise GuidekitError(f"unknown EncoderConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class Encoder(nn.Module):

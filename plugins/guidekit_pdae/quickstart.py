@@ -43,8 +43,9 @@ QS_EDIT = dict(label=0, scales=(0.0, 8.0, 16.0, 32.0), n=8)
 QS_SAMPLES = 64
 
 
-def _round(rows: list[dict[str, Any]], digits: int = 5) -> list[dict[str, Any]]:
-    return [{k: round(v, digits) if isinstance(v, float) else v for k, v in r.items()}
+def _round(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Floats to 4 significant digits for summary.json: gaps of 1e-7 keep their digits."""
+    return [{k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}
             for r in rows]
 
 
@@ -78,8 +79,8 @@ def quickstart_pdae(ctx: QuickstartContext) -> StepReport:
     return StepReport(
         "PDAE: filling the posterior mean gap",
         images=[plot, grid],
-        tables={"posterior mean gap per pixel (held-out digits)": _round(gap, 7),
-                "one-step x̂_0 MSE on [0, 1] (8 held-out digits)": _round(one["rows"], 5)},
+        tables={"posterior mean gap per pixel (held-out digits)": _round(gap),
+                "one-step x̂_0 MSE on [0, 1] (8 held-out digits)": _round(one["rows"])},
         metrics={
             **{k: summary[k] for k in ("steps", "final_loss", "images_per_second")},
             "gap_below_pretrained_at_every_t": all(r["pdae"] < r["pretrained"] for r in gap),
@@ -114,10 +115,10 @@ def quickstart_autoencoding(ctx: QuickstartContext) -> StepReport:
         edit = _edit(ctx, pdae, train, test, judge_dir, steps, folder / "manipulate.png")
         images.append(Path(edit.pop("grid")))
         tables[f"editing {edit['n']} non-{edit['label']} digits toward {edit['label']}"] = (
-            _round(edit["scales"], 4))
+            _round(edit["scales"]))
         metrics["edit_direction_test_accuracy"] = edit["test_accuracy"]
     probe = linear_probe(pdae, train, test, seed=ctx.seed)
-    tables["linear probe, held-out accuracy"] = _round(probe["targets"], 4)
+    tables["linear probe, held-out accuracy"] = _round(probe["targets"])
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     return StepReport(
         "PDAE: reconstruction, interpolation, editing, probe",
