@@ -47,6 +47,14 @@ def test_weighting_option_without_that_weighting(tmp_path, capsys):
     assert_one_line_error(code, err, "--p2-gamma")
 
 
+def test_click_usage_errors_are_not_tracebacks(capsys):
+    # Parsing errors come from click itself; main() must show them as usage, not crash.
+    code, _, err = run_cli(capsys, "train", "ddpm", "--no-such-flag")
+    assert code == 2 and "No such option" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "train", "ddpm", "--steps", "abc")
+    assert code == 2 and "'abc' is not a valid integer" in err and "Traceback" not in err
+
+
 def test_unknown_dataset(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "ddpm", "--data", "mnist-nope", "--out",
                        str(tmp_path / "x"))

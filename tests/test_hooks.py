@@ -194,7 +194,7 @@ def test_guidekit_commands_plugin_commands_run_and_reach_the_cli_reference(
         sys.path.remove(docs)
     page = cli_markdown(current_command())
     assert "## `guidekit mine hello` { #guidekit-mine-hello }" in page
-    assert "`--name <str>` | Whom to greet." in page
+    assert "`--name TEXT` | Whom to greet." in page
     assert "## `guidekit ping`" in page
 
 

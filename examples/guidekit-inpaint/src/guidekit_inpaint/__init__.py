@@ -8,8 +8,7 @@ MASK``) and the ``guidekit inpaint`` commands (``prepare``, ``evaluate``) throug
 from __future__ import annotations
 
 import typer
-from guidekit.hookspecs import hookimpl
-from guidekit.specs import GuidanceSpec
+from guidekit import GuidanceSpec, hookimpl
 
 from .guidance import (
     DEFAULT_NORM,

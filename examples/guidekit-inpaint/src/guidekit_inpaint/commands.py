@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import typer
-from guidekit.data import load_dataset, save_image_grid
-from guidekit.errors import GuidekitError
+from guidekit import GuidekitError, load_dataset, save_image_grid
 from rich.console import Console
 from rich.table import Table
 

@@ -14,11 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from guidekit.data import load_dataset, save_image_grid
-from guidekit.ddpm import DPM
-from guidekit.errors import GuidekitError
-from guidekit.guidance import GuidanceTerm
-from guidekit_classifier.training import LoadedClassifier, predict
+from guidekit import DPM, GuidanceTerm, GuidekitError, load_dataset, save_image_grid
+from guidekit_classifier import LoadedClassifier, predict
 from torch import Tensor
 
 from .guidance import DEFAULT_NORM, DEFAULT_SIGMAS, NAME, NORMS, InpaintGuidance

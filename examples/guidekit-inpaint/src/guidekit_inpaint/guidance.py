@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import click
 import torch
-from guidekit import ops
-from guidekit.errors import GuidekitError
-from guidekit.guidance import StepInput
-from guidekit.specs import GuidanceContext
+from guidekit import GuidanceContext, GuidekitError, StepInput, ops
 from torch import Tensor
 
 from .inputs import MASKS, image_size_of, load_image, load_mask

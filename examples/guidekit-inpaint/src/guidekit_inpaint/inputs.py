@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from guidekit.errors import GuidekitError
+from guidekit import GuidekitError
 from PIL import Image
 from torch import Tensor
 
