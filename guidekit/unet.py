@@ -137,7 +137,7 @@ def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
 class ResBlock(nn.Module):
     """BigGAN-style residual block with AdaGN time conditioning (and optional extra condition).
 
-    ``h = norm(h) * (1 + scale_t) + shift_t``; with ``cond_channels`` a second, zero-initialised
+    ``h = norm(h) * (1 + scale_t) + shift_t``; with ``cond_channels`` a second
     projection of ``cond`` then gives ``h = h * (1 + scale_c) + shift_c`` (PDAE's latent shift).
     """
 
@@ -165,8 +165,11 @@ class ResBlock(nn.Module):
         )
         self.in_conv = conv3x3(channels, out_channels)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        # Default init, not zero: the zero-initialised output conv already makes the block
+        # start as the identity, and a zero projection as well would keep z's gradient at
+        # zero until two layers downstream had moved (measured: a less linear z).
         self.cond_layers = (
-            zero_module(nn.Linear(cond_channels, 2 * out_channels)) if cond_channels else None
+            nn.Linear(cond_channels, 2 * out_channels) if cond_channels else None
         )
         self.out_norm = normalization(out_channels)
         self.out_layers = nn.Sequential(
