@@ -57,6 +57,12 @@ def sample_command(
         dpm, n, sampler=sampler, steps=respacing or steps, eta=eta, guidance=requests,
         seed=seed, clip_x0=clip, variance=variance, compile=compile, progress=not json_out,
     )
+    import torch
+
+    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+    if bad:
+        raise GuidekitError(f"{bad} of {n} samples diverged (non-finite values), so nothing was "
+                            "written: lower --scale, or sample with --sampler ddim")
     grid = save_image_grid(x.cpu(), out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
     files = save_images(x.cpu(), out_dir) if out_dir else []
     result = {"grid": str(grid), "n": n, "files": [str(f) for f in files],

@@ -214,3 +214,16 @@ def test_guidekit_commands_failure_costs_only_that_plugin():
     res = _cli(["hello-toward"], env)
     assert res.returncode == 0 and "hello from toward" in res.stdout
     assert "plugin 'gk_bad_commands' could not add its commands: ImportError" in res.stderr
+
+
+def test_diverged_guided_sampling_is_one_line_and_writes_nothing(
+        fresh_plugins, guidekit_dpm, tmp_path, capsys):
+    from guidekit.testing import assert_one_line_error, run_cli
+
+    _use(fresh_plugins, "gk_toward")
+    out = tmp_path / "g.png"
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--steps", "3",
+                           "--n", "2", "--sampler", "ddpm", "--guidance", "toward",
+                           "--toward-value", "nan", "--out", str(out), "--json")
+    assert_one_line_error(code, err, "2 of 2 samples diverged", "--scale")
+    assert not out.exists()
