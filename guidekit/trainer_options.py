@@ -76,7 +76,7 @@ def weighting_options(ctx: typer.Context) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any], json_out: bool, *shown: Any) -> None:
-    """Print a trainer's result once (on the main process): ``summary`` as JSON with
+    """Print a command's result once (on the main process): ``summary`` as JSON with
     ``--json``, else ``shown`` in order (lines of text or rich renderables such as tables)."""
     if not is_main_process():
         return

@@ -10,7 +10,6 @@ samples: that rewards adversarial gradients, not images of the class.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ from typing import Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
@@ -29,6 +27,7 @@ from guidekit.ddpm import DPM, load_dpm
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm, timestep_weight
 from guidekit.specs import QuickstartContext, StepReport
+from guidekit.trainer_options import report
 
 from .guidance import ClassifierGuidance
 from .training import JUDGE_KIND, KIND, LoadedClassifier, check_compatible, load_classifier
@@ -265,12 +264,8 @@ def guidance_command(
                                f"{sampler.upper()}-{steps}: judged samples")),
         "grid": str(best_grid(result, out / "best_grid.png")),
     }
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    Console().print(sweep_table(result))
-    typer.echo(f"plot: {summary['plot']}\ngrid (scale {result['best_scale']:g}, one row per "
-               f"class): {summary['grid']}")
+    report(summary, json_out, sweep_table(result), f"plot: {summary['plot']}",
+           f"grid (scale {result['best_scale']:g}, one row per class): {summary['grid']}")
 
 
 # --------------------------------------------------------------------------- quickstart

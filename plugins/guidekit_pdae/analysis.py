@@ -12,7 +12,6 @@ All run on held-out (test) images, with a fixed seed for the noise.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
@@ -29,9 +27,10 @@ from guidekit.checkpoint import atomic_write_bytes
 from guidekit.data import ImageData, load_dataset, save_image_grid
 from guidekit.ddpm import parse_ints
 from guidekit.errors import GuidekitError
+from guidekit.trainer_options import report
 
 from .networks import Encoder, EncoderConfig
-from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
+from .options import DATA_OPT, DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
 from .training import LoadedPDAE, check_data, load_pdae
 
 BATCH = 256
@@ -307,7 +306,6 @@ def probe_table(result: dict[str, Any], data: str) -> Table:
 
 # --------------------------------------------------------------------------- commands
 
-DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images (its test split).")
 SEED_OPT = typer.Option(0, help="Seed of the noise (and of the random encoder).")
 
 
@@ -331,11 +329,8 @@ def gap_command(
     rows = posterior_mean_gap(model, x0, ts, seed=seed)
     plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
                     f"posterior mean gap, {len(x0)} test images")
-    if json_out:
-        typer.echo(json.dumps({"n": len(x0), "timesteps": rows, "plot": str(plot)}))
-        return
-    Console().print(gap_table(rows, len(x0)))
-    typer.echo(f"plot: {plot}")
+    report({"n": len(x0), "timesteps": rows, "plot": str(plot)}, json_out,
+           gap_table(rows, len(x0)), f"plot: {plot}")
 
 
 def onestep_command(
@@ -357,13 +352,10 @@ def onestep_command(
     x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
     result = one_step_x0(model, x0, ts, seed=seed)
     grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
-    if json_out:
-        typer.echo(json.dumps({"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
-                               "grid": str(grid)}))
-        return
-    Console().print(onestep_table(result["rows"], len(x0)))
-    typer.echo(f"grid (row 1 the originals, then per t: x_t / pre-trained x̂_0 / PDAE x̂_0): "
-               f"{grid}")
+    summary = {"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
+               "grid": str(grid)}
+    report(summary, json_out, onestep_table(result["rows"], len(x0)),
+           f"grid (row 1 the originals, then per t: x_t / pre-trained x̂_0 / PDAE x̂_0): {grid}")
 
 
 def probe_command(
@@ -381,10 +373,7 @@ def probe_command(
     probe_targets(train)  # fail before encoding anything
     result = linear_probe(model, train, held_out(model, data, "test", image_size, seed),
                           seed=seed)
-    if json_out:
-        typer.echo(json.dumps(result))
-        return
-    Console().print(probe_table(result, data))
+    report(result, json_out, probe_table(result, data))
 
 
 def register(app: typer.Typer) -> None:

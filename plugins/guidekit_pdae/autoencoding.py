@@ -9,7 +9,6 @@ quickstart DPM that saves some samples that otherwise saturate.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
@@ -28,10 +26,11 @@ from guidekit.engine import Sampler
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm
 from guidekit.plugins import get_registry
+from guidekit.trainer_options import report
 
 from .guidance import PDAEGuidance, save_latents
 from .metrics import load_lpips, mse, ssim
-from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
+from .options import DATA_OPT, DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
 from .training import KIND, LoadedPDAE, check_data, load_pdae
 
 XT_CHOICES = ("inferred", "random", "both")
@@ -96,17 +95,6 @@ def random_xT(pdae: LoadedPDAE, n: int, seed: int) -> Tensor:
 def to_unit(x: Tensor) -> Tensor:
     """[−1, 1] → [0, 1], the scale every metric here reports on."""
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def _emit(summary: dict[str, Any], table: Table | None, lines: Sequence[str], json_out: bool
-          ) -> None:
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    if table is not None:
-        Console().print(table)
-    for line in lines:
-        typer.echo(line)
 
 
 # --------------------------------------------------------------------------- encode
@@ -414,7 +402,6 @@ def _pick(data: ImageData, index: int, flag: str) -> Tensor:
     return data.images[index]
 
 
-DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images.")
 STEPS_OPT = typer.Option(100, help="DDIM steps (ddimK respacing of the T training steps).")
 
 
@@ -431,8 +418,8 @@ def encode_command(
     """Encode every image of a split: z = E_φ(x_0), for `--guidance pdae --latents`."""
     model = load_pdae(pdae, pretrained, device)
     summary = encode_images(model, load_images(model, data, split, image_size), out)
-    _emit(summary, None, [f"wrote {summary['n']} latents ({summary['latent_dim']}-d) of "
-                          f"{data}/{split} -> {summary['out']}"], json_out)
+    report(summary, json_out, f"wrote {summary['n']} latents ({summary['latent_dim']}-d) of "
+           f"{data}/{split} -> {summary['out']}")
 
 
 def reconstruct_command(
@@ -470,7 +457,7 @@ def reconstruct_command(
     grid = reconstruction_grid(x0, result.pop("images"), out_dir / "grid.png")
     result["grid"] = str(grid)
     rows = ", ".join(["originals", *(r["method"] for r in result["methods"])])
-    _emit(result, reconstruction_table(result), [f"grid (rows: {rows}): {grid}"], json_out)
+    report(result, json_out, reconstruction_table(result), f"grid (rows: {rows}): {grid}")
 
 
 def interpolate_command(
@@ -501,8 +488,8 @@ def interpolate_command(
     grid = interpolation_grid(xa, xb, result, out)
     summary = {"grid": str(grid), "a": a, "b": b, "modes": list(modes), "frames": frames,
                "steps": steps}
-    _emit(summary, None, [f"grid (rows: {', '.join(modes)}; image a, {frames} frames, "
-                          f"image b): {grid}"], json_out)
+    report(summary, json_out, f"grid (rows: {', '.join(modes)}; image a, {frames} frames, "
+           f"image b): {grid}")
 
 
 def manipulate_command(
@@ -540,8 +527,8 @@ def manipulate_command(
     grid = save_image_grid(grid_images, out_dir / "grid.png", nrow=len(scale_list) + 1,
                            scale=GRID_SCALE)
     result["grid"] = str(grid)
-    _emit(result, manipulation_table(result),
-          [f"grid (rows: images; columns: original, s = {scales}): {grid}"], json_out)
+    report(result, json_out, manipulation_table(result),
+           f"grid (rows: images; columns: original, s = {scales}): {grid}")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ DPM, guided by G_ψ(x_t, z, t) at scale 1.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import typer
-from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -411,14 +409,11 @@ def sample_command(
         "n": n, "steps": steps, "latent_steps": latent_steps, "seed": seed,
         "latent_seconds": res["latent_seconds"], "decode_seconds": res["decode_seconds"],
     }
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
     table = Table("stage", "DDIM steps", "seconds", title=f"{n} PDAE samples")
     table.add_row("latent DPM → z", str(latent_steps), f"{res['latent_seconds']:.2f}")
     table.add_row("z → image (PDAE-guided)", str(steps), f"{res['decode_seconds']:.2f}")
-    Console().print(table)
-    typer.echo(f"grid: {summary['grid']}\nlatents: {summary['latents']}")
+    opt.report(summary, json_out, table, f"grid: {summary['grid']}",
+               f"latents: {summary['latents']}")
 
 
 def register(app: typer.Typer) -> None:
