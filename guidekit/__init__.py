@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "NoiseSchedule": "guidekit.schedule",
     # data
     "ImageData": "guidekit.data",
-    "load_dataset": "guidekit.data",
+    "load_dataset": "guidekit.lookup",
     "save_image_grid": "guidekit.data",
     "save_images": "guidekit.data",
     # sampling and guidance
@@ -56,10 +56,13 @@ _EXPORTS: dict[str, str] = {
     "QuickstartStep": "guidekit.specs",
     "QuickstartContext": "guidekit.specs",
     "StepReport": "guidekit.specs",
+    "TrainerContext": "guidekit.specs",
+    "Option": "guidekit.options",
     "run_quickstart": "guidekit.quickstart",
     # errors
     "GuidekitError": "guidekit.errors",
     "CheckpointError": "guidekit.errors",
+    "DivergedError": "guidekit.errors",
     "PluginError": "guidekit.errors",
 }
 
@@ -68,6 +71,7 @@ __all__ = [
     "CheckpointError",
     "DPM",
     "DatasetSpec",
+    "DivergedError",
     "Guidance",
     "GuidanceContext",
     "GuidanceRequest",
@@ -77,6 +81,7 @@ __all__ = [
     "ImageData",
     "ModelSpec",
     "NoiseSchedule",
+    "Option",
     "PluginError",
     "QuickstartContext",
     "QuickstartStep",
@@ -85,6 +90,7 @@ __all__ = [
     "StepInput",
     "StepReport",
     "TrainConfig",
+    "TrainerContext",
     "TrainerSpec",
     "UNetConfig",
     "WeightingSpec",
@@ -114,12 +120,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
-    from guidekit.data import ImageData, load_dataset, save_image_grid, save_images
+    from guidekit.data import ImageData, save_image_grid, save_images
     from guidekit.ddpm import DPM, load_dpm, train_ddpm
     from guidekit.engine import Sampler
-    from guidekit.errors import CheckpointError, GuidekitError, PluginError
+    from guidekit.errors import CheckpointError, DivergedError, GuidekitError, PluginError
     from guidekit.guidance import Guidance, GuidanceTerm, StepInput
     from guidekit.hookspecs import hookimpl
+    from guidekit.lookup import load_dataset
+    from guidekit.options import Option
     from guidekit.plugins import get_registry
     from guidekit.quickstart import run_quickstart
     from guidekit.sampling import GuidanceRequest, sample
@@ -132,6 +140,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         QuickstartContext,
         QuickstartStep,
         StepReport,
+        TrainerContext,
         TrainerSpec,
         WeightingSpec,
     )

@@ -50,15 +50,16 @@ def guidekit_datasets() -> list[DatasetSpec]:
 
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
-    from guidekit.ddpm import train_ddpm_command
+    from guidekit.ddpm import DDPM_OPTIONS, ddpm_trainer
 
-    return [TrainerSpec("ddpm", train_ddpm_command, help="Train a DDPM noise predictor.")]
+    return [TrainerSpec("ddpm", ddpm_trainer, help="Train a DDPM noise predictor.",
+                        options=DDPM_OPTIONS)]
 
 
 def quickstart_ddpm(ctx: QuickstartContext) -> StepReport:
     """Train the DDPM every later step guides or builds on."""
-    from guidekit.data import load_dataset
     from guidekit.ddpm import sample_grid, train_ddpm
+    from guidekit.lookup import load_dataset
     from guidekit.training import TrainConfig
 
     data = load_dataset("digits", "train")

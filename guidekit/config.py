@@ -9,6 +9,11 @@ from typing import Any, TypeVar
 
 from guidekit.errors import GuidekitError
 
+__all__ = [
+    "ConfigMixin",
+]
+
+
 _C = TypeVar("_C", bound="ConfigMixin")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from guidekit.checkpoint import atomic_path
 from guidekit.errors import GuidekitError
 
 __all__ = [
@@ -26,8 +26,8 @@ __all__ = [
     "COLOURS",
     "IMAGE_EXTENSIONS",
     "SHAPES",
+    "SPLITS",
     "ImageData",
-    "load_dataset",
     "load_digits",
     "load_image_folder",
     "make_shapes",
@@ -103,7 +103,8 @@ class ImageData:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
+    """A one-line error unless ``split`` is ``train`` or ``test``."""
     if split not in SPLITS:
         raise GuidekitError(f"unknown split '{split}': use 'train' or 'test'")
 
@@ -132,7 +133,7 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits(split: str = "train", image_size: int = 16) -> ImageData:
     """scikit-learn's 8x8 digits, upsampled bilinearly; 1500 train / 297 test, 10 classes."""
-    _check_split(split)
+    check_split(split)
     size = _check_positive_int(image_size, "digits image_size", minimum=8)
     images, targets = _digits_raw()
     # Fixed permutation, independent of any user seed, so the test split never changes.
@@ -205,7 +206,7 @@ def make_shapes(
     fraction of the image side) are continuous float32. Factors depend only on
     (seed, split, n), not on image_size.
     """
-    _check_split(split)
+    check_split(split)
     size = _check_positive_int(image_size, "shapes image_size")
     count = SHAPES_DEFAULT_N[split] if n is None else _check_positive_int(n, "shapes n")
     seed = _check_positive_int(seed, "seed", minimum=0)
@@ -300,7 +301,7 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
     )
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- built-ins
 
 
 def _builtin_digits(
@@ -321,33 +322,6 @@ BUILTIN_DATASETS: dict[str, Callable[..., ImageData]] = {
     "digits": _builtin_digits,
     "shapes": _builtin_shapes,
 }
-
-
-def load_dataset(
-    name_or_path: str, split: str = "train", image_size: int | None = None, seed: int = 0
-) -> ImageData:
-    """Load a registered dataset by name (``digits``, ``shapes``, or a plugin's), or every
-    image in a folder.
-
-    Registered names win over a folder of the same name. Folders have no train/test split:
-    either split loads the whole folder (default image_size 32, RGB).
-    """
-    from guidekit.plugins import get_registry  # the registry imports this module
-
-    _check_split(split)
-    registry = get_registry()
-    if name_or_path in registry.names("dataset"):
-        data = registry.dataset(name_or_path).load(split, image_size, seed)
-        if not isinstance(data, ImageData):
-            raise GuidekitError(f"dataset '{name_or_path}' did not return an ImageData")
-        return data
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return load_image_folder(folder, 32 if image_size is None else image_size, channels=3)
-    raise GuidekitError(
-        f"unknown dataset '{name_or_path}': choose one of "
-        f"{', '.join(registry.names('dataset'))}, or give a folder of images"
-    )
 
 
 # --------------------------------------------------------------------------- image writing
@@ -372,17 +346,12 @@ def _to_uint8(images: torch.Tensor, what: str) -> np.ndarray:
 
 
 def _write_png(array: np.ndarray, path: Path) -> Path:
-    """Write an (H, W, C) uint8 array as a PNG atomically (temp file, then os.replace)."""
+    """Write an (H, W, C) uint8 array as a PNG atomically."""
     if path.suffix.lower() != ".png":
         raise GuidekitError(f"cannot write {path}: images are saved as PNG; use a .png name")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

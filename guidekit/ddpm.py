@@ -7,19 +7,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import typer
 from torch import Tensor, nn
 
-from guidekit import ops
+from guidekit import lookup, ops
 from guidekit import trainer_options as opt
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
-from guidekit.data import ImageData, load_dataset, save_image_grid
+from guidekit.data import ImageData, save_image_grid
+from guidekit.distributed import resolve_device
 from guidekit.engine import Sampler
 from guidekit.errors import GuidekitError
-from guidekit.plugins import get_registry
+from guidekit.lookup import build_model, load_dataset, weighting_table
+from guidekit.options import Option
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
+from guidekit.specs import StepReport, TrainerContext
 from guidekit.training import TrainConfig, fit
 from guidekit.unet import UNet, UNetConfig
+
+__all__ = [
+    "DDPMTask",
+    "DDPM_OPTIONS",
+    "DPM",
+    "KIND",
+    "data_meta",
+    "ddpm_trainer",
+    "load_dpm",
+    "per_sample_mse",
+    "sample_grid",
+    "train_ddpm",
+]
+
 
 KIND = "ddpm"
 
@@ -107,27 +123,16 @@ class DPM:
         return Sampler(self.model, self.schedule, **kwargs)
 
 
-def build_model(entry: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from a config.json ``model`` entry via the model registry."""
-    spec = get_registry().model(entry["name"])
-    return spec.model_class(spec.config_class.from_dict(entry["config"]))
-
-
 def load_dpm(path: str | Path, device: str | torch.device = "cpu", role: str = "ema") -> DPM:
-    """Load a ``ddpm`` checkpoint (EMA weights by default), frozen, in eval mode."""
+    """Load a ``ddpm`` checkpoint (EMA weights by default), frozen, in eval mode, on
+    ``device`` (``auto``: a GPU when there is one)."""
+    device = resolve_device(device)
     ckpt = read_checkpoint(path, KIND)
     model = build_model(ckpt.config["model"])
     load_weights(model, ckpt.module_tensors(role, "model"), str(path))
     model.to(device).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
     return DPM(model, schedule.to(device), ckpt)
-
-
-def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise GuidekitError(f"{what} must be comma-separated integers, got '{text}'") from None
 
 
 def sample_grid(
@@ -144,17 +149,6 @@ def sample_grid(
 
     x = sample(load_dpm(checkpoint), n, sampler=sampler, steps=steps, seed=seed)
     return save_image_grid(x, Path(checkpoint) / name, scale=4)
-
-
-def weighting_table(
-    name: str, schedule: NoiseSchedule, options: dict[str, Any] | None = None
-) -> Tensor:
-    """λ_t for every training step from the weighting plugin ``name``."""
-    weights = get_registry().weighting(name).weights(schedule, **(options or {}))
-    weights = torch.as_tensor(weights, dtype=torch.float32)
-    if weights.shape != (schedule.num_steps,) or not bool(torch.isfinite(weights).all()):
-        raise GuidekitError(f"weighting '{name}' must return {schedule.num_steps} finite weights")
-    return weights
 
 
 def train_ddpm(
@@ -184,7 +178,8 @@ def train_ddpm(
         )
     sched = NoiseSchedule.from_config(schedule or ScheduleConfig())
     weights = weighting_table(weighting, sched, weighting_options)
-    meta = {"name": weighting, "options": dict(weighting_options or {})}
+    resolved = lookup.weighting_options(weighting, weighting_options)
+    meta = {"name": weighting, "options": _plain(resolved)}
     torch.manual_seed(config.seed)  # the initial weights
     task = DDPMTask(UNet(unet), sched, weights, meta, data)
     result = fit(task, data, out, config, resume=resume, progress=progress)
@@ -200,50 +195,46 @@ def train_ddpm(
     return summary
 
 
-def train_ddpm_command(
-    ctx: typer.Context,
-    data: opt.Data = "digits",
-    out: opt.Out = Path("runs/ddpm"),
-    steps: opt.Steps = 2000,
-    batch_size: opt.BatchSize = 32,
-    lr: opt.LR = 1e-3,
-    weight_decay: opt.WeightDecay = 0.0,
-    ema_decay: opt.EMADecay = 0.995,
-    grad_clip: opt.GradClip = 1.0,
-    image_size: opt.ImageSize = None,
-    model_channels: opt.ModelChannels = 32,
-    channel_mult: opt.ChannelMult = "1,2,2",
-    num_res_blocks: opt.NumResBlocks = 1,
-    attention: opt.Attention = "8",
-    dropout: opt.Dropout = 0.0,
-    schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
-    timesteps: int = typer.Option(1000, help="Training timesteps T."),
-    weighting: opt.Weighting = "uniform",
-    seed: opt.Seed = 0,
-    bf16: opt.BF16 = False,
-    compile: opt.Compile = False,
-    device: opt.Device = None,
-    resume: opt.Resume = False,
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 50,
-    samples: int = typer.Option(64, help="Sample grid size written at the end (0: none)."),
-    json_out: opt.JSONOut = False,
-) -> None:
-    """Train a DDPM noise predictor ε_θ. Weighting options (e.g. --p2-gamma) follow --weighting."""
-    images = load_dataset(data, "train", image_size, seed)
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Option values as JSON values (paths as strings, tuples as lists)."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in values.items()}
+
+
+DDPM_OPTIONS: tuple[Option, ...] = (
+    opt.DATA,
+    opt.out_option("runs/ddpm"),
+    opt.IMAGE_SIZE,
+    *opt.unet_options(),
+    Option("schedule", str, "linear", "Noise schedule.", choices=("linear", "cosine")),
+    Option("timesteps", int, 1000, "Training timesteps T."),
+    opt.WEIGHTING,
+    *opt.train_options(steps=2000, batch_size=32, lr=1e-3, ema_decay=0.995),
+    Option("samples", int, 64, "Sample grid size written at the end (0: none)."),
+)
+
+
+def ddpm_trainer(ctx: TrainerContext) -> StepReport:
+    """``guidekit train ddpm``: train a DDPM noise predictor ε_θ. Weighting options (e.g.
+    --p2-gamma) follow --weighting."""
+    o = ctx.options
+    images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
     unet_cfg = UNetConfig(
         image_size=images.image_size,
         in_channels=images.channels,
-        model_channels=model_channels,
-        channel_mult=parse_ints(channel_mult, "--channel-mult"),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=parse_ints(attention, "--attention"),
-        dropout=dropout,
+        model_channels=o["model_channels"],
+        channel_mult=opt.parse_ints(o["channel_mult"], "--channel-mult"),
+        num_res_blocks=o["num_res_blocks"],
+        attention_resolutions=opt.parse_ints(o["attention"], "--attention"),
+        num_heads=o["num_heads"],
+        dropout=o["dropout"],
     )
     summary = train_ddpm(
-        images, out, unet=unet_cfg,
-        schedule=ScheduleConfig(kind=schedule, num_timesteps=timesteps),
-        weighting=weighting, weighting_options=opt.weighting_options(ctx),
-        config=opt.train_config(ctx), resume=resume, samples=samples, progress=not json_out,
+        images, o["out"], unet=unet_cfg,
+        schedule=ScheduleConfig(kind=o["schedule"], num_timesteps=o["timesteps"]),
+        weighting=o["weighting"], weighting_options=ctx.weighting_options,
+        config=opt.train_config(o), resume=o["resume"], samples=o["samples"],
+        progress=ctx.progress,
     )
-    opt.report(summary, json_out, f"trained {KIND} in {summary['seconds']} s -> {out}")
+    return StepReport(f"trained {KIND} in {summary['seconds']} s -> {o['out']}",
+                      metrics=summary)

@@ -10,6 +10,17 @@ import torch.distributed as dist
 
 from guidekit.errors import GuidekitError
 
+__all__ = [
+    "DEFAULT_DEVICE",
+    "DistInfo",
+    "agree",
+    "is_main_process",
+    "resolve_device",
+    "setup",
+    "teardown",
+]
+
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,17 +43,42 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+DEFAULT_DEVICE = "auto"
+
+
+def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.device:
+    """The one reading of ``--device``: ``auto`` (or None) is this rank's GPU when CUDA is
+    available, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given, once
+    checked. Anything else is a one-line error."""
+    if isinstance(device, torch.device):
+        return device
+    spec = (device or DEFAULT_DEVICE).strip().lower()
+    if spec == "auto":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise GuidekitError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GuidekitError(f"--device {device} was asked for, but no CUDA GPU is "
+                                "available: use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GuidekitError(f"--device {device}: there are only "
+                                f"{torch.cuda.device_count()} CUDA GPUs")
+    return dev
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GuidekitError("--device cuda was asked for, but no CUDA GPU is available")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

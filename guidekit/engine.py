@@ -8,7 +8,7 @@ in (DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from rich.progress import track
@@ -16,11 +16,55 @@ from torch import Tensor, nn
 
 from guidekit import ops
 from guidekit.errors import GuidekitError
-from guidekit.guidance import GuidanceTerm, StepInput, compose
+from guidekit.guidance import GuidanceTerm, StepInput, check_finite, compose
 from guidekit.schedule import NoiseSchedule
-from guidekit.unet import UNet
+
+__all__ = [
+    "SAMPLERS",
+    "Sampler",
+    "SplitModel",
+    "VARIANCES",
+    "check_sampler",
+    "respacing",
+]
+
 
 VARIANCES = ("small", "large")
+SAMPLERS = ("ddim", "ddpm")
+
+
+@runtime_checkable
+class SplitModel(Protocol):
+    """A noise predictor that runs in two halves, so guidances can reuse the first half's
+    features (PDAE's G_ψ reads the UNet's down path): ``middle_up(down(x, t))`` is the
+    model's output. guidekit's UNet is one; any model with these two methods is used so."""
+
+    def down(self, x: Tensor, t: Tensor) -> Any: ...
+
+    def middle_up(self, features: Any) -> Tensor: ...
+
+
+Steps = int | str | Sequence[int] | None
+
+
+def respacing(sampler: str, steps: Steps) -> Steps:
+    """The one step-count rule: an int K means ``"ddimK"`` spacing for DDIM and K evenly
+    spaced steps for DDPM; a string or a list is a respacing spec as given; None keeps all
+    T steps."""
+    check_sampler(sampler)
+    if isinstance(steps, bool):
+        raise GuidekitError(f"steps must be a count or a respacing spec, got {steps!r}")
+    if isinstance(steps, int):
+        if steps < 1:
+            raise GuidekitError(f"--steps must be >= 1, got {steps}")
+        return f"ddim{steps}" if sampler == "ddim" else steps
+    return steps
+
+
+def check_sampler(sampler: str) -> None:
+    """A one-line error unless ``sampler`` is ``ddim`` or ``ddpm``."""
+    if sampler not in SAMPLERS:
+        raise GuidekitError(f"unknown sampler '{sampler}': choose ddim or ddpm")
 
 
 class Sampler:
@@ -70,12 +114,12 @@ class Sampler:
     def predict(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None, Any]:
         """ε, the variance values if the model learns Σ (else None), and the model's features.
 
-        The model sees original timesteps. A model with ``down``/``middle_up`` (the UNet) runs
-        in those two halves so guidances can reuse its down-path features (PDAE does).
+        The model sees original timesteps. A :class:`SplitModel` (the UNet) runs in its two
+        halves so guidances can reuse its down-path features (PDAE does).
         """
         t = self.schedule.timesteps[k]
         features = None
-        if isinstance(self.model, UNet):
+        if isinstance(self.model, SplitModel):
             features = self.model.down(x, t)
             out = self.model.middle_up(features)
         else:
@@ -86,7 +130,8 @@ class Sampler:
         return out, None, features
 
     def _guide(
-        self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor, features: Any
+        self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor, features: Any,
+        finite: dict[str, Tensor],
     ) -> Tensor | None:
         """Σ_i s_i·w_i(t)·g_i, or None when unguided (the step ops then skip the shift)."""
         if not terms:
@@ -102,7 +147,7 @@ class Sampler:
             model=self.model,
             features=features,
         )
-        return compose(list(terms), inp)
+        return compose(list(terms), inp, finite)
 
     def _start(
         self, x_T: Tensor | None, shape: Sequence[int] | None, generator, device
@@ -127,17 +172,19 @@ class Sampler:
         """Ancestral sampling x_T → x_0 with Σ fixed or learned and the mean shifted by Σ·g."""
         x = self._start(x_T, shape, generator, device)
         tab = self._device(x)
+        finite: dict[str, Tensor] = {}
         for i in track(
             range(self.num_steps - 1, -1, -1), "DDPM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps, v, features = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps, features)
+            g = self._guide(guidance, x, k, eps, features, finite)
             var, log_var = ops.variance(
                 tab, k, x, "learned" if v is not None else self.variance, v
             )
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x, _ = self._ddpm_step(tab, x, k, eps, var, log_var, g, noise, self.clip)
+        check_finite(finite, x)
         return x
 
     @torch.no_grad()
@@ -157,18 +204,20 @@ class Sampler:
             raise GuidekitError(f"eta must be >= 0, got {eta}")
         x = self._start(x_T, shape, generator, device)
         tab = self._device(x)
+        finite: dict[str, Tensor] = {}
         for i in track(
             range(self.num_steps - 1, -1, -1), "DDIM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             eps, _, features = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps, features)
+            g = self._guide(guidance, x, k, eps, features, finite)
             noise = (
                 torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if eta > 0
                 else None
             )
             x, _ = self._ddim_step(tab, x, k, eps, g, noise, eta, self.clip)
+        check_finite(finite, x)
         return x
 
     @torch.no_grad()
@@ -186,10 +235,31 @@ class Sampler:
         """
         x = x0
         tab = self._device(x)
+        finite: dict[str, Tensor] = {}
         for i in track(range(self.num_steps), "DDIM inversion", disable=not progress):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             k_eval = (k - 1).clamp(min=0)
             eps, _, features = self.predict(x, k_eval)
-            g = self._guide(guidance, x, k_eval, eps, features)
+            g = self._guide(guidance, x, k_eval, eps, features, finite)
             x = self._invert_step(tab, x, k, eps, g, self.clip)
+        check_finite(finite, x)
         return x
+
+    def sample(
+        self,
+        sampler: str,
+        *,
+        shape: Sequence[int],
+        eta: float = 0.0,
+        guidance: Sequence[GuidanceTerm] = (),
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = False,
+    ) -> Tensor:
+        """The one sampler dispatch: :meth:`ddim` (with ``eta``) or :meth:`ddpm`."""
+        check_sampler(sampler)
+        if sampler == "ddim":
+            return self.ddim(shape=shape, eta=eta, guidance=guidance, generator=generator,
+                             device=device, progress=progress)
+        return self.ddpm(shape=shape, guidance=guidance, generator=generator, device=device,
+                         progress=progress)

@@ -14,8 +14,18 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from guidekit.errors import GuidekitError
+from guidekit.errors import DivergedError, GuidekitError
 from guidekit.schedule import NoiseSchedule
+
+__all__ = [
+    "Guidance",
+    "GuidanceTerm",
+    "StepInput",
+    "check_finite",
+    "compose",
+    "timestep_weight",
+]
+
 
 
 @dataclass
@@ -55,22 +65,51 @@ class GuidanceTerm:
     name: str = ""
 
 
-def compose(terms: list[GuidanceTerm], inp: StepInput) -> Tensor:
-    """Σ_i scale_i · w_i(t) · g_i: zero when there are no terms."""
+def compose(
+    terms: list[GuidanceTerm], inp: StepInput, finite: dict[str, Tensor] | None = None
+) -> Tensor:
+    """Σ_i scale_i · w_i(t) · g_i: zero when there are no terms.
+
+    Each g must be a tensor of x_t's shape, dtype and device (a one-line error naming the
+    guidance otherwise). ``finite`` collects, per guidance, whether every g so far was
+    finite, on the device: :func:`check_finite` reads it once after the loop, so the check
+    costs no host sync per step.
+    """
     total = torch.zeros_like(inp.x_t)
     for term in terms:
         g = term.guidance(inp)
-        if g.shape != inp.x_t.shape:
-            raise GuidekitError(
-                f"guidance '{term.name}' returned shape {tuple(g.shape)}, "
-                f"expected x_t's {tuple(inp.x_t.shape)}"
-            )
+        _check_output(term.name, g, inp.x_t)
+        if finite is not None:
+            ok = torch.isfinite(g).all()
+            finite[term.name] = ok if term.name not in finite else finite[term.name] & ok
         scale = torch.as_tensor(term.scale, dtype=g.dtype, device=g.device)
         if term.weight is not None:
             w = term.weight.to(g.device, g.dtype)[inp.t]
             scale = scale * w.reshape(-1, *([1] * (g.ndim - 1)))
         total = total + scale * g
     return total
+
+
+def _check_output(name: str, g: Any, x_t: Tensor) -> None:
+    if not isinstance(g, Tensor):
+        raise GuidekitError(f"guidance '{name}' returned {type(g).__name__}, not a tensor: "
+                            "it must return g with x_t's shape, dtype and device")
+    if g.shape != x_t.shape or g.dtype != x_t.dtype or g.device != x_t.device:
+        raise GuidekitError(
+            f"guidance '{name}' returned a {g.dtype} tensor of shape {tuple(g.shape)} on "
+            f"{g.device}, expected x_t's {x_t.dtype} {tuple(x_t.shape)} on {x_t.device}"
+        )
+
+
+def check_finite(finite: dict[str, Tensor], x: Tensor) -> None:
+    """A one-line error naming the first guidance whose g was ever non-finite (``x``: the
+    samples it produced, to say how many diverged)."""
+    for name, ok in finite.items():
+        if not bool(ok):
+            bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+            diverged = f" and {bad} of {x.shape[0]} samples diverged" if bad else ""
+            raise DivergedError(f"guidance '{name}' returned non-finite values (NaN or inf)"
+                                f"{diverged}: check its options, or lower --scale")
 
 
 def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:

@@ -6,8 +6,9 @@ A plugin is a module (or object) with functions named like the hooks below, mark
     [project.entry-points.guidekit]
     myguidance = "guidekit_myguidance"
 
-Every ``*_specs``-style hook returns a list; names must be unique across all plugins, and a
-name registered twice is an error naming both plugins.
+Every registering hook returns a list of specs; names must be unique across all plugins: a
+plugin whose name is already taken is left out whole, and ``guidekit plugins`` names both. A
+hook implementation whose name matches no hook below (a typo) is reported the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ if TYPE_CHECKING:
         WeightingSpec,
     )
 
+__all__ = [
+    "PROJECT",
+    "guidekit_commands",
+    "guidekit_datasets",
+    "guidekit_guidances",
+    "guidekit_models",
+    "guidekit_quickstart_steps",
+    "guidekit_trainers",
+    "guidekit_weightings",
+    "hookimpl",
+    "hookspec",
+]
+
+
 PROJECT = "guidekit"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -39,29 +54,30 @@ def guidekit_guidances() -> list[GuidanceSpec]:
 
     Return a list of :class:`~guidekit.specs.GuidanceSpec`. At sampling time the engine calls
     ``spec.build(ctx)`` once with a :class:`~guidekit.specs.GuidanceContext` (the DPM, its
-    schedule, the batch size, and the values of ``spec.options``); the returned callable gets
-    a :class:`~guidekit.guidance.StepInput` at every step and returns
-    g ≈ ∇_{x_t} log p(c | x_t) with x_t's shape. The engine scales g and folds it in as the
-    mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g). ``spec.options`` are
-    ``click.Option`` objects that follow ``--guidance NAME`` on the command line; their
-    values reach ``build`` in ``ctx.options`` by parameter name (from Python, only those the
-    caller gives, so read them with a default).
+    schedule, the batch size, and the value of every option in ``spec.options``); the returned
+    callable gets a :class:`~guidekit.guidance.StepInput` at every step and returns
+    g ≈ ∇_{x_t} log p(c | x_t), a tensor of x_t's shape, dtype and device. The engine scales
+    g and folds it in as the mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g).
+    ``spec.options`` are :class:`~guidekit.options.Option` declarations: on the command line
+    they follow ``--guidance NAME``; ``ctx.options`` holds each one's value by name, its
+    declared default when the caller (CLI or Python) left it out. A g that is not such a
+    tensor, or is ever NaN or infinite, stops sampling with one line naming the guidance;
+    ``build`` raising :class:`~guidekit.errors.GuidekitError` is a user mistake shown as is,
+    any other exception a one-line plugin failure.
 
     Example: pull every x̂_0 toward a constant grey level::
 
-        import click
-        from guidekit import hookimpl
-        from guidekit.specs import GuidanceSpec
+        from guidekit import GuidanceSpec, Option, hookimpl
 
         def build_toward(ctx):
-            level = ctx.options.get("toward_level", 0.0)
+            level = ctx.options["toward_level"]
             return lambda inp: level - inp.x0
 
         @hookimpl
         def guidekit_guidances():
             return [GuidanceSpec(
                 "toward", build_toward, help="Pull x̂_0 toward a grey level.",
-                options=[click.Option(["--toward-level"], type=float, default=0.0)],
+                options=[Option("toward_level", float, 0.0, "The grey level, in [-1, 1].")],
             )]
     """
 
@@ -72,19 +88,18 @@ def guidekit_weightings() -> list[WeightingSpec]:
 
     Return a list of :class:`~guidekit.specs.WeightingSpec`. ``spec.weights(schedule,
     **options)`` returns λ_t for every training timestep as a (T,) float tensor of finite
-    values; the trainer multiplies each sample's ε-loss by λ at its timestep. ``uniform``
-    (λ_t = 1) is built in. ``spec.options`` are ``click.Option`` objects that follow
-    ``--weighting NAME`` on the command line and reach ``weights`` as keyword arguments, so
-    give each a default in the function too.
+    values ≥ 0, not all zero; the trainer multiplies each sample's ε-loss by λ at its
+    timestep. ``uniform`` (λ_t = 1) is built in. ``spec.options`` are
+    :class:`~guidekit.options.Option` declarations that follow ``--weighting NAME`` on the
+    command line; ``weights`` gets every one's value as a keyword (its declared default when
+    not given), so the function itself needs no defaults.
 
     Example: train on the noisier steps only::
 
-        import click
         import torch
-        from guidekit import hookimpl
-        from guidekit.specs import WeightingSpec
+        from guidekit import Option, WeightingSpec, hookimpl
 
-        def late_weights(schedule, late_from=0.5):
+        def late_weights(schedule, late_from):
             t = torch.arange(schedule.num_steps)
             return (t >= late_from * schedule.num_steps).float()
 
@@ -92,7 +107,7 @@ def guidekit_weightings() -> list[WeightingSpec]:
         def guidekit_weightings():
             return [WeightingSpec(
                 "late", late_weights, help="λ_t = 1 from t = late_from·T on, else 0.",
-                options=[click.Option(["--late-from"], type=float, default=0.5)],
+                options=[Option("late_from", float, 0.5, "Where the weight turns on, in T.")],
             )]
     """
 
@@ -101,38 +116,34 @@ def guidekit_weightings() -> list[WeightingSpec]:
 def guidekit_trainers() -> list[TrainerSpec]:
     """Register training commands, each reachable as ``guidekit train NAME``.
 
-    Return a list of :class:`~guidekit.specs.TrainerSpec` whose ``command`` is a typer
-    command function: its parameters become the command's options and its docstring the
-    command's help. :mod:`guidekit.trainer_options` holds the options every trainer shares
-    (``Steps``, ``LR``, ``JSONOut``, ...; each command picks its defaults), ``train_config(ctx)``
-    turns them into a :class:`~guidekit.training.TrainConfig`, and ``report`` prints the
-    result; :func:`guidekit.training.fit` runs the loop, checkpoints and resumption. Give the
-    command a ``ctx: typer.Context`` first parameter: arguments it does not declare arrive in
-    ``ctx.args``, which are the options of ``--weighting`` for a trainer that takes one, and
-    ``train_config`` rejects them for any other.
+    Return a list of :class:`~guidekit.specs.TrainerSpec`. Its ``options`` become the
+    command's flags (guidekit adds ``--json``); ``spec.train(ctx)`` gets a
+    :class:`~guidekit.specs.TrainerContext` holding every option's value by name, and
+    returns a :class:`~guidekit.specs.StepReport` whose ``metrics`` are what ``--json``
+    prints (without it, its tables, text and title are shown). :mod:`guidekit.trainer_options`
+    declares the options every trainer shares (``train_options(steps=100)`` gives them with
+    your defaults, ``train_config(ctx.options)`` the :class:`~guidekit.training.TrainConfig`);
+    :func:`guidekit.training.fit` runs the loop, checkpoints and resumption. A trainer that
+    declares an option named ``weighting`` (``trainer_options.WEIGHTING``) takes the chosen
+    weighting's options too, in ``ctx.weighting_options``.
 
     Example::
 
-        from pathlib import Path
+        from guidekit import Option, StepReport, TrainerSpec, hookimpl
+        from guidekit.trainer_options import out_option, train_config, train_options
 
-        import typer
-        from guidekit import hookimpl
-        from guidekit import trainer_options as opt
-        from guidekit.specs import TrainerSpec
-
-        def train_mine(
-            ctx: typer.Context,
-            out: opt.Out = Path("runs/mine"),
-            steps: opt.Steps = 100,
-            json_out: opt.JSONOut = False,
-        ) -> None:
-            config = opt.train_config(ctx)  # steps=100, the rest TrainConfig's defaults
-            summary = {"steps": config.steps, "checkpoint": str(out)}
-            opt.report(summary, json_out, f"trained for {config.steps} steps -> {out}")
+        def train_mine(ctx):
+            config = train_config(ctx.options)  # steps=100 unless given, the rest defaults
+            out = ctx.options["out"]
+            summary = {"steps": config.steps, "width": ctx.options["width"],
+                       "checkpoint": str(out)}
+            return StepReport(f"trained for {config.steps} steps -> {out}", metrics=summary)
 
         @hookimpl
         def guidekit_trainers():
-            return [TrainerSpec("mine", train_mine, help="Train my model.")]
+            options = [out_option("runs/mine"), Option("width", int, 8, "Network width."),
+                       *train_options(steps=100)]
+            return [TrainerSpec("mine", train_mine, help="Train my model.", options=options)]
     """
 
 
@@ -152,8 +163,7 @@ def guidekit_models() -> list[ModelSpec]:
         from dataclasses import asdict, dataclass
 
         import torch
-        from guidekit import hookimpl
-        from guidekit.specs import ModelSpec
+        from guidekit import ModelSpec, hookimpl
 
         @dataclass
         class TinyConfig:
@@ -194,9 +204,7 @@ def guidekit_datasets() -> list[DatasetSpec]:
     Example: 8×8 stripes, labelled by orientation::
 
         import torch
-        from guidekit import hookimpl
-        from guidekit.data import ImageData
-        from guidekit.specs import DatasetSpec
+        from guidekit import DatasetSpec, ImageData, hookimpl
 
         def load_stripes(split, image_size=None, seed=0):
             size = image_size or 8
@@ -214,12 +222,16 @@ def guidekit_datasets() -> list[DatasetSpec]:
 def guidekit_commands(cli: typer.Typer) -> None:
     """Add top-level CLI commands or groups to ``cli`` (the ``guidekit`` ``typer.Typer``).
 
-    Return nothing: register on ``cli`` itself, a group with ``cli.add_typer(sub,
-    name="mymethod")`` or a command with ``@cli.command()``. Called once per plugin while the
-    CLI is built; a plugin whose hook raises is reported in one line and only its commands
-    are missing, so import fragile modules inside the hook. Commands that report figures
-    take ``--json``, and a user mistake raises :class:`~guidekit.errors.GuidekitError`, which
-    the CLI prints as one ``error: …`` line with exit status 2.
+    Return nothing: register on ``cli``, a ``typer.Typer`` of this plugin's own, a group
+    with ``cli.add_typer(sub, name="mymethod")`` or a command with ``@cli.command()``;
+    guidekit merges them into its CLI. Called once per plugin while the CLI is built; a
+    plugin whose hook raises, or that takes a name guidekit or another plugin already has
+    (``sample``, ``train``, ...), is reported in one line and only its commands are missing,
+    so import fragile modules (and typer: keep it in your package's ``cli`` module) inside
+    the hook. Commands that report figures take ``--json`` (``guidekit.cli.params.JSONOut``),
+    a device takes ``guidekit.cli.params.Device``, and a user mistake raises
+    :class:`~guidekit.errors.GuidekitError`, which the CLI prints as one ``error: …`` line with
+    exit status 2.
 
     Example: ``guidekit mine hello --name you``::
 
@@ -252,8 +264,8 @@ def guidekit_quickstart_steps() -> list[QuickstartStep]:
 
     Example::
 
-        from guidekit import hookimpl, load_dpm, sample, save_image_grid
-        from guidekit.specs import QuickstartStep, StepReport
+        from guidekit import QuickstartStep, StepReport, hookimpl, load_dpm, sample
+        from guidekit import save_image_grid
 
         def more_samples(ctx):
             x = sample(load_dpm(ctx.out / "ddpm"), 16, steps=5 if ctx.fast else 50,

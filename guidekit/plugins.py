@@ -2,15 +2,25 @@
 what they register into one :class:`Registry` with unique names.
 
 Environment:
-    GUIDEKIT_DISABLE_PLUGIN_AUTOLOAD=1  load no entry points (the core still loads).
+    GUIDEKIT_DISABLE_PLUGIN_AUTOLOAD=1  load no entry points (the core still loads); 1, true,
+                                        yes, on turn it on, 0, false, no, off or empty off.
     GUIDEKIT_PLUGINS=a,b                load only these: entry-point names or module paths
                                         (works with autoload off too, like pytest's -p).
+
+A plugin that fails (its import raises or exits, a hook raises, returns something that is
+not a list of its specs, implements a hook that does not exist, or registers a name another
+plugin already has) is left out whole and reported in one line; everything else loads.
+Whatever a plugin prints while loading goes to stderr, so ``--json`` output stays JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import os
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -29,6 +39,7 @@ from guidekit.specs import (
 )
 
 ENTRY_POINT_GROUP = "guidekit"
+KNOWN_HOOKS = tuple(n for n in dir(hookspecs) if n.startswith("guidekit_"))
 CORE_NAME = "guidekit"
 # hook name -> (kind as users call it, spec class)
 KINDS: dict[str, tuple[str, type]] = {
@@ -84,8 +95,36 @@ class Registry:
         return self.get("dataset", name)
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no environment variable; any other spelling is a one-line error."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise PluginError(f"{name}={os.environ[name]!r} is not a yes/no value: use 1, true, yes or "
+                      "on to turn it on, 0, false, no, off or empty to turn it off")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hook implementations of ``plugin`` that match no guidekit hook (a misspelt name)."""
+    problems = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.spec is None:
+            near = difflib.get_close_matches(caller.name, list(KNOWN_HOOKS), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            problems.append(f"'{caller.name}' is not a guidekit hook{hint}")
+    return problems
 
 
 def make_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], list]:
@@ -102,7 +141,7 @@ def make_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], li
     failures: list[tuple[str, str]] = []
 
     wanted = [p.strip() for p in os.environ.get("GUIDEKIT_PLUGINS", "").split(",") if p.strip()]
-    autoload = not _env_flag("GUIDEKIT_DISABLE_PLUGIN_AUTOLOAD")
+    autoload = not env_flag("GUIDEKIT_DISABLE_PLUGIN_AUTOLOAD")
     eps = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     if wanted:
         names = wanted
@@ -112,22 +151,45 @@ def make_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], li
         names = []
     for name in names:
         try:
-            if name in eps:
-                ep = eps[name]
-                plugin = ep.load()
-                version = ep.dist.version if ep.dist else "?"
-                module = ep.value
-            else:
-                plugin = importlib.import_module(name)
-                version = getattr(plugin, "__version__", "?")
-                module = name
+            with contextlib.redirect_stdout(sys.stderr):
+                if name in eps:
+                    ep = eps[name]
+                    plugin = ep.load()
+                    version = ep.dist.version if ep.dist else "?"
+                    module = ep.value
+                else:
+                    plugin = importlib.import_module(name)
+                    version = getattr(plugin, "__version__", "?")
+                    module = name
             if pm.is_registered(plugin):
                 continue
             pm.register(plugin, name=name)
-            meta[name] = (version, module)
-        except Exception as exc:  # a broken third-party plugin must not take the CLI down
-            failures.append((name, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the CLI down
+            failures.append((name, _reason(exc)))
+            continue
+        problems = _unknown_hooks(pm, plugin)
+        if problems:
+            pm.unregister(plugin)
+            failures.append((name, "; ".join(problems)))
+            continue
+        meta[name] = (str(version), str(module))
     return pm, meta, failures
+
+
+def _specs(result: object, hook_name: str, spec_class: type) -> list:
+    """A hook's return value as a list of ``spec_class``: None is nothing, a generator is
+    drained, anything else that is not a list of those specs is an error."""
+    if result is None:
+        return []
+    if isinstance(result, (str, bytes, dict)) or not isinstance(result, Iterable):
+        raise TypeError(f"{hook_name} must return a list of {spec_class.__name__}, "
+                        f"got {type(result).__name__}")
+    specs = list(result)
+    for spec in specs:
+        if not isinstance(spec, spec_class):
+            raise TypeError(f"{hook_name} returned {type(spec).__name__}, "
+                            f"expected {spec_class.__name__}")
+    return specs
 
 
 def collect(pm: pluggy.PluginManager, meta: dict, failures: list) -> Registry:
@@ -141,23 +203,25 @@ def collect(pm: pluggy.PluginManager, meta: dict, failures: list) -> Registry:
             if owner in broken:
                 continue
             try:
-                specs = impl.function() or []
-                for spec in specs:
-                    if not isinstance(spec, spec_class):
-                        raise TypeError(f"{hook_name} returned {type(spec).__name__}, "
-                                        f"expected {spec_class.__name__}")
-            except Exception as exc:
+                with contextlib.redirect_stdout(sys.stderr):
+                    specs = _specs(impl.function(), hook_name, spec_class)
+            except (Exception, SystemExit) as exc:
                 broken.add(owner)
-                reg.failures.append((owner, f"{hook_name} failed: {type(exc).__name__}: {exc}"))
+                reg.failures.append((owner, f"{hook_name} failed: {_reason(exc)}"))
+                continue
+            names = [spec.name for spec in specs]
+            taken = [n for n in names if (kind, n) in reg.owners]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if taken or twice:
+                broken.add(owner)
+                reg.failures.append((owner, (
+                    f"{kind} '{taken[0]}' is registered by both plugin "
+                    f"'{reg.owners[(kind, taken[0])]}' and plugin '{owner}': uninstall one of "
+                    "them, or choose plugins with GUIDEKIT_PLUGINS") if taken else (
+                    f"{hook_name} returned {kind} '{twice[0]}' twice")))
                 continue
             for spec in specs:
                 key = (kind, spec.name)
-                if key in reg.owners:
-                    raise PluginError(
-                        f"{kind} '{spec.name}' is registered by both plugin "
-                        f"'{reg.owners[key]}' and plugin '{owner}': uninstall one of them, or "
-                        "choose plugins with GUIDEKIT_PLUGINS"
-                    )
                 reg.specs[kind][spec.name] = spec
                 reg.owners[key] = owner
                 infos.setdefault(owner, PluginInfo(owner, "?", "?"))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from guidekit.checkpoint import atomic_write_bytes
-from guidekit.plugins import get_registry
+from guidekit.lookup import quickstart_steps
 from guidekit.specs import QuickstartContext, StepReport
 
 
@@ -21,7 +21,7 @@ def run_quickstart(
     """Run the steps in order; returns the summary written to ``summary.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = sorted(get_registry().specs["quickstart step"].values(), key=lambda s: s.order)
+    steps = quickstart_steps()
     ctx = QuickstartContext(out=out, seed=seed, fast=fast, progress=progress)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -11,18 +11,25 @@ import torch
 from torch import Tensor
 
 from guidekit.ddpm import DPM
-from guidekit.errors import GuidekitError
+from guidekit.engine import respacing
+from guidekit.errors import DivergedError, GuidekitError
 from guidekit.guidance import GuidanceTerm, timestep_weight
-from guidekit.options import parse_plugin_options
-from guidekit.plugins import get_registry
+from guidekit.lookup import guidance_spec, plugin_call
+from guidekit.options import resolve_options
 from guidekit.specs import GuidanceContext
 
-SAMPLERS = ("ddim", "ddpm")
+__all__ = [
+    "GuidanceRequest",
+    "build_terms",
+    "sample",
+]
+
 
 
 @dataclass
 class GuidanceRequest:
-    """One ``--guidance NAME`` with its scale, timestep schedule and plugin options."""
+    """One ``--guidance NAME`` with its scale, timestep schedule and plugin options (by
+    option name; the ones left out take their declared defaults)."""
 
     name: str
     scale: float = 1.0
@@ -30,60 +37,30 @@ class GuidanceRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def requests_from_cli(
-    names: Sequence[str], scales: Sequence[float], schedules: Sequence[str], args: Sequence[str]
-) -> list[GuidanceRequest]:
-    """Pair repeated --guidance/--scale/--guidance-schedule flags and parse plugin options.
-
-    One --scale (or schedule) applies to every guidance; otherwise give one per guidance.
-    """
-    names = list(names)
-    if not names:
-        if scales or schedules:
-            raise GuidekitError("--scale/--guidance-schedule need a --guidance NAME")
-        if args:
-            raise GuidekitError(f"unexpected argument(s): {' '.join(args)}")
-        return []
-    scales = _per_guidance(list(scales) or [1.0], len(names), "--scale")
-    schedules = _per_guidance(list(schedules) or ["constant"], len(names), "--guidance-schedule")
-    registry = get_registry()
-    specs = [registry.guidance(n) for n in names]
-    options = parse_plugin_options([(f"guidance '{s.name}'", s.options) for s in specs], args)
-    return [
-        GuidanceRequest(n, sc, sh, opt)
-        for n, sc, sh, opt in zip(names, scales, schedules, options, strict=True)
-    ]
-
-
-def _per_guidance(values: list, n: int, flag: str) -> list:
-    if len(values) == 1:
-        return values * n
-    if len(values) != n:
-        raise GuidekitError(f"give one {flag} for all guidances or one per guidance ({n})")
-    return values
-
-
 def build_terms(
     dpm: DPM, requests: Sequence[GuidanceRequest], num_samples: int
 ) -> list[GuidanceTerm]:
     """Build each requested guidance against ``dpm`` (the plugins' ``build`` hooks)."""
-    registry = get_registry()
     device = next(iter(dpm.model.parameters())).device
     terms = []
     for req in requests:
-        spec = registry.guidance(req.name)
+        spec = guidance_spec(req.name)
         ctx = GuidanceContext(
             model=dpm.model,
             schedule=dpm.schedule,
             dpm_config=dpm.config,
             num_samples=num_samples,
             device=device,
-            options=dict(req.options),
+            options=resolve_options(spec.options, req.options, f"guidance '{req.name}'"),
             checkpoint_dir=dpm.checkpoint.path,
         )
+        built = plugin_call("guidance", req.name, spec.build, ctx)
+        if not callable(built):
+            raise GuidekitError(f"guidance '{req.name}': build returned "
+                                f"{type(built).__name__}, not a callable guidance")
         terms.append(
             GuidanceTerm(
-                spec.build(ctx),
+                built,
                 scale=req.scale,
                 weight=timestep_weight(dpm.schedule, req.schedule),
                 name=req.name,
@@ -109,23 +86,20 @@ def sample(
     """Draw ``n`` images in [−1, 1] from ``dpm``, guided by ``guidance``.
 
     ``steps``: an int respaces to that many steps ("ddimK" spacing for DDIM, even spacing for
-    DDPM), a string is any respacing spec, None keeps all T steps.
+    DDPM), a string is any respacing spec, None keeps all T steps. A run that diverges
+    (non-finite samples) is a one-line :class:`~guidekit.errors.GuidekitError`, never NaNs.
     """
-    if sampler not in SAMPLERS:
-        raise GuidekitError(f"unknown sampler '{sampler}': choose ddim or ddpm")
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
-    if isinstance(steps, int):
-        steps = f"ddim{steps}" if sampler == "ddim" else steps
     device = next(iter(dpm.model.parameters())).device
-    engine = dpm.sampler(steps=steps, variance=variance, clip_x0=clip_x0, compile=compile)
+    engine = dpm.sampler(steps=respacing(sampler, steps), variance=variance, clip_x0=clip_x0,
+                         compile=compile)
     terms = build_terms(dpm, guidance, n)
     gen = torch.Generator(device).manual_seed(seed)
-    shape = (n, *dpm.image_shape)
-    if sampler == "ddim":
-        x = engine.ddim(shape=shape, eta=eta, guidance=terms, generator=gen, device=device,
-                        progress=progress)
-    else:
-        x = engine.ddpm(shape=shape, guidance=terms, generator=gen, device=device,
-                        progress=progress)
+    x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,
+                      generator=gen, device=device, progress=progress)
+    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+    if bad:
+        raise DivergedError(f"{bad} of {n} samples diverged (non-finite values): lower "
+                            "--scale, or sample with --sampler ddim")
     return x.clamp(-1, 1)

@@ -16,6 +16,14 @@ import torch
 from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
+__all__ = [
+    "NoiseSchedule",
+    "ScheduleConfig",
+    "make_betas",
+    "space_timesteps",
+]
+
+
 _KINDS = ("linear", "cosine")
 
 

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guidekit.data import ImageData, load_dataset
+from guidekit.data import ImageData
+from guidekit.lookup import load_dataset
 from guidekit.schedule import ScheduleConfig
 from guidekit.training import TrainConfig
 from guidekit.unet import UNetConfig
+
+__all__ = [
+    "assert_one_line_error",
+    "make_tiny_dpm",
+    "run_cli",
+    "tiny_unet_config",
+]
+
 
 
 def tiny_unet_config(data: ImageData) -> UNetConfig:

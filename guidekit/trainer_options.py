@@ -1,88 +1,98 @@
-"""What every ``guidekit train NAME`` command shares: its options, as typer ``Annotated`` types
-(the flag and help live here; each command keeps its own defaults), and the steps from parsed
-options to a :class:`~guidekit.training.TrainConfig` and back to the terminal.
+"""The options every ``guidekit train NAME`` command shares, as :class:`~guidekit.options.Option`
+declarations, and the step from their values to a :class:`~guidekit.training.TrainConfig`.
 
-A trainer declares ``steps: Steps = 1500`` and so on, then calls :func:`train_config` with its
-context; the options a command leaves out take TrainConfig's defaults.
+A trainer lists ``train_options(steps=1500, lr=5e-3)`` (the shared options with its own
+defaults) beside its own options, and calls :func:`train_config` on ``ctx.options``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-from rich.console import Console
-
-from guidekit.distributed import is_main_process
 from guidekit.errors import GuidekitError
-from guidekit.options import parse_plugin_options
-from guidekit.plugins import get_registry
+from guidekit.options import Option
 from guidekit.training import TrainConfig
 
-Data = Annotated[str, typer.Option(help="Dataset name or a folder of images.")]
-Out = Annotated[Path, typer.Option(help="Checkpoint directory.")]
-ImageSize = Annotated[int | None, typer.Option(
-    help="Resize images (default: the dataset's size).")]
-Steps = Annotated[int, typer.Option(help="Optimisation steps.")]
-BatchSize = Annotated[int, typer.Option(help="Global batch size (split across processes).")]
-LR = Annotated[float, typer.Option(help="AdamW learning rate.")]
-WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
-EMADecay = Annotated[float, typer.Option(help="EMA decay of the weights kept for use.")]
-GradClip = Annotated[float, typer.Option(help="Gradient-norm clip.")]
-Seed = Annotated[int, typer.Option(help="Seed of every random stream.")]
-BF16 = Annotated[bool, typer.Option(help="bf16 autocast.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the trained networks.")]
-Device = Annotated[str | None, typer.Option(
-    help="cpu or cuda (default: cuda when available).")]
-Resume = Annotated[bool, typer.Option(help="Continue the checkpoint in --out.")]
-SaveEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
-LogEvery = Annotated[int, typer.Option(help="Steps between metric lines.")]
-JSONOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-Weighting = Annotated[str, typer.Option(
-    help="Loss weighting plugin (`guidekit plugins` lists them); its options follow it.")]
+__all__ = [
+    "DATA",
+    "IMAGE_SIZE",
+    "WEIGHTING",
+    "out_option",
+    "parse_ints",
+    "train_config",
+    "train_options",
+    "unet_options",
+]
 
-# UNet-shaped networks (the DDPM's UNet, the classifiers' encoder half)
-ModelChannels = Annotated[int, typer.Option(help="Base width.")]
-ChannelMult = Annotated[str, typer.Option(help="Width multiplier per level, e.g. 1,2,2.")]
-NumResBlocks = Annotated[int, typer.Option(help="Residual blocks per level.")]
-Attention = Annotated[str, typer.Option(
-    help="Feature-map sizes with self-attention, e.g. 8 (empty: none).")]
-NumHeads = Annotated[int, typer.Option(help="Attention heads.")]
-Dropout = Annotated[float, typer.Option(help="Dropout in residual blocks.")]
+_DEFAULTS = TrainConfig()
+
+DATA = Option("data", str, "digits", "Dataset name or a folder of images.")
+IMAGE_SIZE = Option("image_size", int, None, "Resize images (default: the dataset's size).")
+WEIGHTING = Option("weighting", str, "uniform",
+                   "Loss weighting plugin (`guidekit plugins` lists them); its options follow.")
+
+_TRAIN: tuple[Option, ...] = (
+    Option("steps", int, _DEFAULTS.steps, "Optimisation steps."),
+    Option("batch_size", int, _DEFAULTS.batch_size, "Global batch size (split across processes)."),
+    Option("lr", float, _DEFAULTS.lr, "AdamW learning rate."),
+    Option("weight_decay", float, _DEFAULTS.weight_decay, "AdamW weight decay."),
+    Option("ema_decay", float, _DEFAULTS.ema_decay, "EMA decay of the weights kept for use."),
+    Option("grad_clip", float, _DEFAULTS.grad_clip, "Gradient-norm clip."),
+    Option("seed", int, _DEFAULTS.seed, "Seed of every random stream."),
+    Option("bf16", bool, False, "bf16 autocast."),
+    Option("compile", bool, False, "torch.compile the trained networks."),
+    Option("device", str, "auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)."),
+    Option("resume", bool, False, "Continue the checkpoint in --out."),
+    Option("save_every", int, _DEFAULTS.save_every, "Steps between checkpoints."),
+    Option("log_every", int, _DEFAULTS.log_every, "Steps between metric lines."),
+)
+
+_UNET: tuple[Option, ...] = (
+    Option("model_channels", int, 32, "Base width."),
+    Option("channel_mult", str, "1,2,2", "Width multiplier per level, e.g. 1,2,2."),
+    Option("num_res_blocks", int, 1, "Residual blocks per level."),
+    Option("attention", str, "8", "Feature-map sizes with self-attention, e.g. 8 (empty: none)."),
+    Option("num_heads", int, 4, "Attention heads."),
+    Option("dropout", float, 0.0, "Dropout in residual blocks."),
+)
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
-def train_config(ctx: typer.Context) -> TrainConfig:
-    """The :class:`TrainConfig` of a trainer command's parsed options.
-
-    Trainers accept arguments they do not declare, because those are the options of the
-    chosen ``--weighting``; a command without ``--weighting`` has none, so any is an error.
-    """
-    if ctx.args and "weighting" not in ctx.params:
-        raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
-    return TrainConfig(**{k: v for k, v in ctx.params.items() if k in _CONFIG_FIELDS})
+def _with_defaults(options: tuple[Option, ...], defaults: dict[str, Any]) -> list[Option]:
+    by_name = {o.name for o in options}
+    unknown = sorted(set(defaults) - by_name)
+    if unknown:
+        raise TypeError(f"no shared option(s) {', '.join(unknown)}")
+    return [o.with_default(defaults[o.name]) if o.name in defaults else o for o in options]
 
 
-def weighting_options(ctx: typer.Context) -> dict[str, Any]:
-    """The values of the chosen ``--weighting``'s own options, parsed from ``ctx.args``."""
-    name = ctx.params["weighting"]
-    spec = get_registry().weighting(name)
-    (values,) = parse_plugin_options([(f"weighting '{name}'", spec.options)], ctx.args)
-    return values
+def train_options(**defaults: Any) -> list[Option]:
+    """The training options (TrainConfig's fields and ``resume``), with these defaults."""
+    return _with_defaults(_TRAIN, defaults)
 
 
-def report(summary: dict[str, Any], json_out: bool, *shown: Any) -> None:
-    """Print a command's result once (on the main process): ``summary`` as JSON with
-    ``--json``, else ``shown`` in order (lines of text or rich renderables such as tables)."""
-    if not is_main_process():
-        return
-    if json_out:
-        typer.echo(json.dumps(summary))
-        return
-    console = Console()
-    for item in shown:
-        console.print(item, highlight=False, markup=False, soft_wrap=True)
+def unet_options(**defaults: Any) -> list[Option]:
+    """The width/depth/attention options of UNet-shaped networks, with these defaults."""
+    return _with_defaults(_UNET, defaults)
+
+
+def out_option(default: str | Path) -> Option:
+    """``--out``: the checkpoint directory, defaulting to ``default``."""
+    return Option("out", Path, Path(default), "Checkpoint directory.")
+
+
+def train_config(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` of a trainer's option values (keys it does not know are
+    ignored: they are the trainer's own options)."""
+    return TrainConfig(**{k: v for k, v in options.items() if k in _CONFIG_FIELDS})
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """``"1,2,2"`` → ``(1, 2, 2)``; anything else is a one-line error naming ``what``."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise GuidekitError(f"{what} must be comma-separated integers, got '{text}'") from None

@@ -26,6 +26,18 @@ from guidekit.checkpoint import load_weights, read_checkpoint, save_checkpoint, 
 from guidekit.data import ImageData
 from guidekit.errors import CheckpointError, GuidekitError
 
+__all__ = [
+    "FitResult",
+    "METRICS",
+    "Task",
+    "TrainConfig",
+    "batch_indices",
+    "ema_decay_at",
+    "ema_update",
+    "fit",
+]
+
+
 METRICS = "metrics.jsonl"
 
 
@@ -43,7 +55,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     save_every: int = 500
-    device: str | None = None  # default: this rank's GPU if there is one, else CPU
+    device: str | None = "auto"  # auto (or None): this rank's GPU if there is one, else CPU
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "save_every"):

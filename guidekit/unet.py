@@ -18,6 +18,28 @@ from torch import Tensor, nn
 from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
+__all__ = [
+    "AttentionBlock",
+    "BackboneConfig",
+    "ClassifierConfig",
+    "DownFeatures",
+    "EmbedSequential",
+    "EncoderUNet",
+    "ResBlock",
+    "UNet",
+    "UNetConfig",
+    "build_input_blocks",
+    "build_middle_block",
+    "build_time_embed",
+    "conv3x3",
+    "count_parameters",
+    "down_path_channels",
+    "normalization",
+    "timestep_embedding",
+    "zero_module",
+]
+
+
 # --------------------------------------------------------------------------- configs
 
 @dataclass

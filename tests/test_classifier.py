@@ -24,10 +24,11 @@ from guidekit_classifier.training import (
 )
 from torch import Tensor
 
-from guidekit.data import ImageData, load_dataset
+from guidekit.data import ImageData
 from guidekit.ddpm import load_dpm
 from guidekit.errors import CheckpointError, GuidekitError
 from guidekit.guidance import StepInput
+from guidekit.lookup import load_dataset
 from guidekit.plugins import get_registry
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.schedule import NoiseSchedule, ScheduleConfig

@@ -13,7 +13,6 @@ import torch
 from guidekit_classifier.evaluate import (
     diversity,
     evaluate_guidance,
-    parse_scales,
     plot_sweep,
     quickstart_guidance,
 )
@@ -28,9 +27,10 @@ from guidekit_classifier.training import (
 )
 from PIL import Image
 
-from guidekit.data import load_dataset
+from guidekit.cli.params import parse_scales
 from guidekit.ddpm import load_dpm
 from guidekit.errors import GuidekitError
+from guidekit.lookup import load_dataset
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.specs import QuickstartContext
 from guidekit.testing import assert_one_line_error, run_cli

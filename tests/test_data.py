@@ -11,7 +11,6 @@ from guidekit.data import (
     BUILTIN_DATASETS,
     COLOURS,
     ImageData,
-    load_dataset,
     load_digits,
     load_image_folder,
     make_shapes,
@@ -19,6 +18,7 @@ from guidekit.data import (
     save_images,
 )
 from guidekit.errors import GuidekitError
+from guidekit.lookup import load_dataset
 
 # --------------------------------------------------------------------------- digits
 

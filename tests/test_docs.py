@@ -232,7 +232,7 @@ def test_cli_reference_lists_every_plugin_option(builtin, ref):
             for spec in registry.specs[kind].values():
                 assert f"{{ #{kind}-{spec.name} }}" in page
                 for opt in spec.options:
-                    assert opt.opts[0] in page, (spec.name, opt.opts)
+                    assert opt.flag in page, (spec.name, opt.flag)
 
 
 def test_cli_reference_refuses_a_plugin_whose_commands_fail(ref, guidekit_plugins, monkeypatch):
@@ -307,7 +307,7 @@ def test_command_lines_in_the_docs_exist(page, words, builtin, ref):
     with ref.builtin_plugins() as registry:
         for kind in ("guidance", "weighting"):
             for spec in registry.specs[kind].values():
-                flags |= {f for o in spec.options for f in o.opts}
+                flags |= {o.flag for o in spec.options}
     assert not hasattr(command, "commands") or "--help" in args, f"{page}: {words} is a group"
     unknown = [a.split("=")[0] for a in args if a.startswith("--")
                and a.split("=")[0] not in flags]

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 import torch
 import typer
@@ -19,6 +18,7 @@ import typer
 import guidekit
 from guidekit import hookimpl
 from guidekit.testing import assert_one_line_error
+from guidekit.trainer_options import WEIGHTING
 from guidekit.unet import UNet, UNetConfig
 
 TINY_UNET = ["--model-channels", "8", "--channel-mult", "1,2", "--attention", "",
@@ -46,10 +46,10 @@ def train(cli: Callable[..., Any], out: Path, *args: str) -> dict[str, Any]:
 
 def test_guidekit_weightings_plugin_weighting_scales_the_training_loss(
         monkeypatch, guidekit_plugins, guidekit_cli, tmp_path):
-    def constant(schedule, constant_value: float = 1.0) -> torch.Tensor:
+    def constant(schedule, constant_value: float) -> torch.Tensor:
         return torch.full((schedule.num_steps,), constant_value)
 
-    spec_option = click.Option(["--constant-value"], type=float, default=1.0)
+    spec_option = guidekit.Option("constant_value", float, 1.0)
     name = make_plugin(monkeypatch, "gk_test_weighting", guidekit_weightings=lambda: [
         guidekit.WeightingSpec("constant", constant, options=[spec_option])])
     guidekit_plugins(name)
@@ -128,27 +128,23 @@ def test_guidekit_datasets_plugin_dataset_is_usable_as_data(
         guidekit.load_dataset("broken")
 
 
-def count_command(
-    ctx: typer.Context,
-    n: int = typer.Option(2, help="How far to count."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
+def count_trainer(ctx: guidekit.TrainerContext) -> guidekit.StepReport:
     """Count to N (a trainer that trains nothing)."""
-    if ctx.args:
-        raise guidekit.GuidekitError(f"unexpected argument(s): {ctx.args}")
-    numbers = list(range(1, n + 1))
-    typer.echo(json.dumps({"counted": numbers}) if json_out else " ".join(map(str, numbers)))
+    numbers = list(range(1, ctx.options["n"] + 1))
+    return guidekit.StepReport(" ".join(map(str, numbers)), metrics={"counted": numbers})
 
 
-def weighted_command(ctx: typer.Context, weighting: str = typer.Option("uniform")) -> None:
+def weighted_trainer(ctx: guidekit.TrainerContext) -> guidekit.StepReport:
     """A trainer taking a weighting, so the help lists the weighting plugins' options."""
+    return guidekit.StepReport("weighted", metrics={"weighting": ctx.weighting_options})
 
 
 def test_guidekit_trainers_plugin_trainer_is_a_train_subcommand(
         monkeypatch, guidekit_plugins, guidekit_cli):
     name = make_plugin(monkeypatch, "gk_test_trainer", guidekit_trainers=lambda: [
-        guidekit.TrainerSpec("count", count_command, help="Count to N."),
-        guidekit.TrainerSpec("weighted", weighted_command)])
+        guidekit.TrainerSpec("count", count_trainer, help="Count to N.",
+                             options=[guidekit.Option("n", int, 2, "How far to count.")]),
+        guidekit.TrainerSpec("weighted", weighted_trainer, options=[WEIGHTING])])
     guidekit_plugins(name, "p2")
 
     result = guidekit_cli("train", "count", "--n", "3", "--json")
@@ -160,6 +156,11 @@ def test_guidekit_trainers_plugin_trainer_is_a_train_subcommand(
     assert "--p2-gamma" not in guidekit_cli("train", "count", "--help").out
     bad = guidekit_cli("train", "count", "--p2-gamma", "1")
     assert_one_line_error(bad.code, bad.err, "unexpected argument")
+    # the weighting's options arrive resolved: given ones parsed, the rest their defaults
+    weighted = guidekit_cli("train", "weighted", "--weighting", "p2", "--p2-gamma", "0.5",
+                            "--json")
+    assert json.loads(weighted.out) == {"weighting": {"p2_gamma": 0.5, "p2_k": 1.0}}
+    assert guidekit_cli("train", "count").out.strip() == "1 2"
 
 
 def test_guidekit_commands_plugin_commands_run_and_reach_the_cli_reference(
@@ -239,13 +240,13 @@ def test_guidekit_guidances_two_plugins_compose_by_summing(
     def build(sign: float):
         def make(ctx):
             contexts.append(ctx)
-            return lambda inp: sign * ctx.options.get("push", 1.0) * torch.ones_like(inp.x_t)
+            return lambda inp: sign * ctx.options["push"] * torch.ones_like(inp.x_t)
         return make
 
-    push = click.Option(["--push"], type=float, default=1.0)
+    push = guidekit.Option("push", float, 1.0)
     guidekit_plugins(make_plugin(monkeypatch, "gk_test_guidances", guidekit_guidances=lambda: [
         guidekit.GuidanceSpec("up", build(1.0), options=[push]),
-        guidekit.GuidanceSpec("down", build(-1.0))]))
+        guidekit.GuidanceSpec("down", build(-1.0), options=[push])]))
     dpm = guidekit.load_dpm(guidekit_dpm)
     plain = guidekit.sample(dpm, 3, steps=4, seed=2, clip_x0=False)
     up = guidekit.GuidanceRequest("up", 2.0, options={"push": 0.5})

@@ -20,10 +20,10 @@ from guidekit_pdae.networks import (
 from guidekit_pdae.training import KIND, fingerprint, load_pdae, train_pdae
 
 from guidekit import ops
-from guidekit.data import load_dataset
 from guidekit.ddpm import load_dpm
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm
+from guidekit.lookup import load_dataset
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig

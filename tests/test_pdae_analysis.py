@@ -27,9 +27,10 @@ from guidekit_pdae.training import LoadedPDAE, fingerprint, load_pdae, train_pda
 from PIL import Image
 
 from guidekit import ops
-from guidekit.data import ImageData, load_dataset, make_shapes, save_images
+from guidekit.data import ImageData, make_shapes, save_images
 from guidekit.ddpm import train_ddpm
 from guidekit.errors import GuidekitError
+from guidekit.lookup import load_dataset
 from guidekit.schedule import ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli, tiny_unet_config
 from guidekit.training import TrainConfig

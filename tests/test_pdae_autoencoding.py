@@ -31,8 +31,9 @@ from guidekit_pdae.metrics import (
 from guidekit_pdae.training import load_pdae, train_pdae
 from PIL import Image
 
-from guidekit.data import ImageData, load_dataset
+from guidekit.data import ImageData
 from guidekit.errors import GuidekitError
+from guidekit.lookup import load_dataset
 from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
 

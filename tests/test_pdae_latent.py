@@ -22,8 +22,8 @@ from guidekit_pdae.training import load_pdae, train_pdae
 from torch import Tensor
 
 from guidekit.checkpoint import read_checkpoint
-from guidekit.data import load_dataset
 from guidekit.errors import GuidekitError
+from guidekit.lookup import load_dataset
 from guidekit.schedule import ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig

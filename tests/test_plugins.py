@@ -54,9 +54,9 @@ def test_guidekit_plugins_env_restricts_to_named(fresh_plugins):
 
 
 def test_duplicate_name_names_both_plugins(fresh_plugins):
-    with pytest.raises(PluginError) as exc:
-        _use(fresh_plugins, "p2", "gk_dup_p2")
-    msg = str(exc.value)
+    reg = _use(fresh_plugins, "p2", "gk_dup_p2")
+    (owner, msg), = reg.failures
+    assert owner == "gk_dup_p2" and reg.owners[("weighting", "p2")] == "p2"
     assert "weighting 'p2'" in msg and "'p2'" in msg and "'gk_dup_p2'" in msg
 
 
@@ -97,12 +97,13 @@ def test_guidekit_guidances_third_party_guidance_is_used_by_the_sampler(
     assert reg.owners[("guidance", "toward")] == "gk_toward"
     import gk_toward
 
+    from guidekit.cli.params import requests_from_cli
     from guidekit.ddpm import load_dpm
-    from guidekit.sampling import requests_from_cli, sample
+    from guidekit.sampling import sample
 
     dpm = load_dpm(guidekit_dpm)
     plain = sample(dpm, 4, steps=5, seed=1)
-    req = requests_from_cli(["toward"], [3.0], [], ["--toward-value", "0.5"])
+    req = requests_from_cli(["toward"], [3.0], [], ["--toward-value", "0.5"], options_of)
     assert req[0].options == {"toward_value": 0.5}
     gk_toward.CALLS.clear()
     guided = sample(dpm, 4, steps=5, seed=1, guidance=req)
@@ -114,13 +115,19 @@ def test_guidekit_guidances_third_party_guidance_is_used_by_the_sampler(
 
 def test_plugin_option_errors_are_one_line(fresh_plugins):
     _use(fresh_plugins, "gk_toward")
+    from guidekit.cli.params import requests_from_cli
     from guidekit.errors import GuidekitError
-    from guidekit.sampling import requests_from_cli
 
     with pytest.raises(GuidekitError, match="--toward-value"):
-        requests_from_cli(["toward"], [], [], ["--toward-value", "abc"])
+        requests_from_cli(["toward"], [], [], ["--toward-value", "abc"], options_of)
     with pytest.raises(GuidekitError, match="No such option"):
-        requests_from_cli(["toward"], [], [], ["--nope", "1"])
+        requests_from_cli(["toward"], [], [], ["--nope", "1"], options_of)
+
+
+def options_of(name):
+    from guidekit.lookup import guidance_spec
+
+    return guidance_spec(name).options
 
 
 def _cli(args, env_extra=None, cwd=None):
@@ -173,7 +180,7 @@ def test_guidekit_models_rebuild_from_config(fresh_plugins):
 def test_guidekit_datasets_load_by_name(fresh_plugins):
     reg = _use(fresh_plugins, "p2")
     assert reg.dataset("digits").load("test", None, 0).images.shape[1:] == (1, 16, 16)
-    from guidekit.data import load_dataset
+    from guidekit.lookup import load_dataset
 
     assert load_dataset("shapes", "test").images.shape[1:] == (3, 32, 32)
 

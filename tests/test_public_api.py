@@ -4,12 +4,16 @@ behind it fails here)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
+import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +163,76 @@ def test_the_python_api_samples_what_the_cli_samples(guidekit_dpm, guidekit_cli,
     x = guidekit.sample(guidekit.load_dpm(guidekit_dpm), 4, steps=3, seed=5)
     api = guidekit.save_image_grid(x, tmp_path / "api.png", scale=4)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(api)))
+
+
+# The modules a plugin may import from, beside the top-level package: each lists its public
+# names in __all__, and docs/python.md documents the list.
+PUBLIC_MODULES = (
+    "guidekit.checkpoint", "guidekit.cli.params", "guidekit.config", "guidekit.data",
+    "guidekit.ddpm", "guidekit.distributed", "guidekit.engine", "guidekit.errors",
+    "guidekit.guidance", "guidekit.hookspecs", "guidekit.lookup", "guidekit.ops",
+    "guidekit.options", "guidekit.sampling", "guidekit.schedule", "guidekit.specs",
+    "guidekit.testing", "guidekit.trainer_options", "guidekit.training", "guidekit.unet",
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _code_of_docs() -> Iterator[tuple[str, str]]:
+    """(where, python source) of every file and example that the public API must cover: the
+    built-in plugins, the example plugin and scripts, the docs' code blocks, the hook
+    docstrings' examples."""
+    for base in (ROOT / "plugins", ROOT / "examples"):
+        for path in sorted(base.rglob("*.py")):
+            if "tests" not in path.parts:
+                yield str(path.relative_to(ROOT)), path.read_text()
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), re.S)):
+            yield f"{page.relative_to(ROOT)} block {i}", block
+    from guidekit import hookspecs
+
+    for name in hookspecs.__all__:
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        if "::" in doc:
+            yield f"hookspecs.{name}", textwrap.dedent(doc.split("::", 1)[1])
+
+
+def _guidekit_imports(source: str) -> Iterator[tuple[str, str]]:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
+                node.module.split(".")[0] == "guidekit"):
+            for alias in node.names:
+                yield node.module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "guidekit" and alias.name != "guidekit":
+                    yield alias.name, ""
+
+
+def test_public_modules_declare_their_names():
+    for module in PUBLIC_MODULES:
+        mod = importlib.import_module(module)
+        assert isinstance(getattr(mod, "__all__", None), list), f"{module} has no __all__"
+        missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+        assert not missing, f"{module}.__all__ names what it lacks: {missing}"
+
+
+def test_the_docs_and_plugins_use_only_the_public_api():
+    """Every guidekit name the docs, the hook examples, the example plugin and the built-in
+    plugins import is public: in guidekit.__all__ or in a public module's __all__."""
+    found = set()
+    for where, source in _code_of_docs():
+        for module, name in _guidekit_imports(source):
+            found.add(module)
+            if module == "guidekit":
+                ok = name in guidekit.__all__ or f"guidekit.{name}" in PUBLIC_MODULES
+            else:
+                ok = module in PUBLIC_MODULES and (
+                    not name or name in importlib.import_module(module).__all__)
+            assert ok, f"{where} imports {name or module} from {module}, which is not public"
+    assert "guidekit" in found and "guidekit.cli.params" in found  # the scan sees imports
+
+
+def test_public_modules_are_documented():
+    page = (ROOT / "docs" / "python.md").read_text()
+    missing = [m for m in PUBLIC_MODULES if f"`{m}`" not in page]
+    assert not missing, f"docs/python.md does not list the public modules {missing}"

@@ -12,9 +12,9 @@ import torch
 
 from guidekit import checkpoint as ckpt_mod
 from guidekit.checkpoint import read_checkpoint
-from guidekit.data import load_dataset
 from guidekit.ddpm import load_dpm
 from guidekit.errors import CheckpointError, GuidekitError
+from guidekit.lookup import load_dataset
 from guidekit.testing import make_tiny_dpm
 from guidekit.training import TrainConfig, batch_indices, fit
 

@@ -1,5 +1,5 @@
-"""Reference pages generated from the code at docs build time: the CLI from its click command
-tree, the hooks from :mod:`guidekit.hookspecs`, the Python API from ``guidekit.__all__``.
+"""Reference pages generated from the code at docs build time: the CLI from the command tree
+typer builds, the hooks from :mod:`guidekit.hookspecs`, the Python API from ``guidekit.__all__``.
 
 The docs describe guidekit with its own plugins, whatever else is installed: generation
 loads the core plus the entry points that the ``guidekit`` distribution itself declares.

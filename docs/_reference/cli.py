@@ -1,5 +1,9 @@
 """The CLI reference: every command of ``guidekit`` with its help, usage and options, read from
-the click command tree that typer builds (so it cannot drift from ``--help``)."""
+the command tree that typer builds (so it cannot drift from ``--help``), and the options that
+guidance and weighting plugins declare, read from their guidekit ``Option`` declarations.
+
+The command objects are click's, and typer >= 0.26 builds them with a private copy of click,
+so this module never imports click: it reads the objects by their attributes alone."""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ _BRACKETS = re.compile(r"\s*\[(default: .*?|required)\]")
 
 
 def current_command() -> Any:
-    """The ``guidekit`` click group with the plugins loaded now, as ``guidekit`` itself builds
-    it. A plugin whose commands fail to load is an error: the reference would lack them."""
+    """The ``guidekit`` command group with the plugins loaded now, as ``guidekit`` itself
+    builds it (``typer.main.get_command(build_app())``). A plugin whose commands fail to load
+    is an error: the reference would lack them."""
     import typer
 
     from guidekit.cli import build_app
@@ -30,7 +35,7 @@ def current_command() -> Any:
 
 
 def builtin_command() -> Any:
-    """The ``guidekit`` click group with the core and guidekit's own plugins."""
+    """The ``guidekit`` command group with the core and guidekit's own plugins."""
     from . import builtin_plugins
 
     with builtin_plugins():
@@ -131,10 +136,40 @@ def epilog_markdown(epilog: str, registry: Any = None) -> str:
             "`--weighting` that selects its plugin:\n\n" + "\n".join(items))
 
 
+# how the plugin-option tables name each guidekit Option type (`Option.type`)
+_TYPE_NAMES = {"str": "text", "int": "integer", "float": "number", "bool": "flag",
+               "Path": "path"}
+
+
+def option_row(opt: Any) -> str:
+    """One guidekit ``Option`` declaration as a table row: flag, type (or its choices),
+    default and help (read by attribute, so any declaration of that shape renders)."""
+    flag = f"`{opt.flag}`/`--no-{opt.flag[2:]}`" if opt.is_flag else f"`{opt.flag}`"
+    kind = _TYPE_NAMES.get(opt.type.__name__, opt.type.__name__)
+    if opt.choices:
+        kind = "one of " + ", ".join(f"`{c}`" for c in opt.choices)
+    if opt.multiple:
+        kind += ", repeatable"
+    if opt.required:
+        default = "required"
+    elif opt.default in (None, ()) or (opt.is_flag and opt.default is False):
+        default = ""
+    else:
+        values = opt.default if opt.multiple else (opt.default,)
+        default = "`" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                  for v in values) + "`"
+    return f"| {flag} | {kind} | {default} | {inline(opt.help)} |"
+
+
+def declared_options_table(options: Any) -> str:
+    """A Markdown table of guidekit ``Option`` declarations (a plugin's ``spec.options``)."""
+    rows = [option_row(opt) for opt in options]
+    return "| option | type | default | description |\n| --- | --- | --- | --- |\n" + "\n".join(
+        rows)
+
+
 def plugin_options_markdown(registry: Any) -> str:
     """Tables of the options each guidance and weighting plugin declares (``spec.options``)."""
-    import click
-
     parts = ["## Plugin options { #plugin-options }",
              "A guidance or weighting may declare options of its own. They go after the "
              "`--guidance NAME` (of `guidekit sample`) or `--weighting NAME` (of a trainer) "
@@ -146,8 +181,7 @@ def plugin_options_markdown(registry: Any) -> str:
             if not spec.options:
                 parts.append("No options of its own.")
                 continue
-            holder = click.Command(spec_name, params=list(spec.options), add_help_option=False)
-            parts.append(options_table(holder, click.Context(holder)))
+            parts.append(declared_options_table(spec.options))
     return "\n\n".join(p for p in parts if p)
 
 

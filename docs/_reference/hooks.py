@@ -1,19 +1,36 @@
 """The hook reference: each hook of :mod:`guidekit.hookspecs` with its signature and docstring,
 the spec dataclasses that hooks return (:mod:`guidekit.specs`), what a guidance receives, and
-the pytest fixtures for plugin authors (:mod:`guidekit.pytest_plugin`)."""
+the pytest fixtures for plugin authors (:mod:`guidekit.pytest_plugin`).
+
+The fixtures are read from the pytest plugin's source, never imported: importing it imports
+pytest, which the ``docs`` extra does not install."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import inspect
+import re
 from collections.abc import Callable
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
-from .markdown import Links, docstring, escape, fields_table, inline, is_own_doc, signature
+from .markdown import (
+    WIDTH,
+    Links,
+    docstring,
+    escape,
+    fields_table,
+    inline,
+    is_own_doc,
+    signature,
+)
 
 API_PAGE = "python.md"  # where the names of guidekit.__all__ are documented
+PYTEST_PLUGIN = "guidekit.pytest_plugin"
+RESULT_CLASS = "CliResult"  # the dataclass the guidekit_cli fixture returns
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", re.M)  # as markdown.py reads
 
 
 def hook_functions() -> dict[str, Callable[..., Any]]:
@@ -44,12 +61,19 @@ def guidance_classes() -> list[type]:
     return [StepInput, Guidance]
 
 
-def fixtures(module: ModuleType) -> list[dict[str, Any]]:
-    """The ``@pytest.fixture`` functions of ``module``: name, scope, return annotation, doc.
+def plugin_source() -> str:
+    """The source of :mod:`guidekit.pytest_plugin`, read from its file without importing it."""
+    spec = importlib.util.find_spec(PYTEST_PLUGIN)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"{PYTEST_PLUGIN} is not installed, so the fixtures are undocumented")
+    return Path(spec.origin).read_text(encoding="utf-8")
 
-    Read from the source rather than from pytest's wrappers, whose shape changes between
-    pytest versions."""
-    tree = ast.parse(inspect.getsource(module))
+
+def fixtures(source: str) -> list[dict[str, Any]]:
+    """The ``@pytest.fixture`` functions of a module's ``source``: name, scope, return
+    annotation, doc. Read from the source rather than from pytest's wrappers, whose shape
+    changes between pytest versions."""
+    tree = ast.parse(source)
     found = []
     for node in tree.body:
         if not isinstance(node, ast.FunctionDef):
@@ -98,6 +122,30 @@ def _class_section(cls: type, links: Links, level: str = "###") -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def source_dataclass_section(source: str, name: str, links: Links) -> str:
+    """Dataclass ``name`` of a module's ``source``, laid out as :func:`_class_section` lays
+    out an imported one: signature, docstring, and its fields (type, default, comment)."""
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.ClassDef) and n.name == name)
+    comments = dict(_FIELD_COMMENT.findall(ast.get_source_segment(source, node) or ""))
+    params, rows = [], ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        field, kind = stmt.target.id, ast.unparse(stmt.annotation)
+        default = None if stmt.value is None else ast.unparse(stmt.value)
+        params.append(f"{field}: {kind}" + ("" if default is None else f" = {default}"))
+        shown = "required" if default is None else f"`{default}`"
+        rows.append(f"| `{field}` | `{kind}` | {shown} | "
+                    f"{inline(comments.get(field, ''), links)} |")
+    sig = f"class {name}({', '.join(params)})"
+    if len(sig) > WIDTH:
+        sig = f"class {name}(\n" + "".join(f"    {p},\n" for p in params) + ")"
+    parts = [f"### `{name}` {{ #{name} }}", f"```python\n{sig}\n```",
+             docstring(ast.get_docstring(node) or "", links), "\n".join(rows)]
+    return "\n\n".join(p for p in parts if p)
+
+
 def _implementers(name: str) -> list[str]:
     """The plugins (with their modules) that implement hook ``name`` right now."""
     from guidekit.plugins import get_manager, get_registry
@@ -120,12 +168,10 @@ def hook_section(name: str, fn: Callable[..., Any], links: Links,
 
 def page_links(api_names: list[str], api_page: str = API_PAGE) -> dict[str, str]:
     """Names this page documents link to their anchor; other public names to the API page."""
-    from guidekit import pytest_plugin
-
     links = {n: f"{api_page}#{n}" for n in api_names}
     local = [*hook_functions(), *(c.__name__ for c in spec_classes()),
              *(c.__name__ for c in guidance_classes()),
-             *(f["name"] for f in fixtures(pytest_plugin)), "CliResult"]
+             *(f["name"] for f in fixtures(plugin_source())), RESULT_CLASS]
     links.update({n: f"#{n}" for n in local})
     return links
 
@@ -133,7 +179,9 @@ def page_links(api_names: list[str], api_page: str = API_PAGE) -> dict[str, str]
 def hooks_markdown(links: Links | None = None, with_implementers: bool = True) -> str:
     """The whole hook reference page body."""
     import guidekit
-    from guidekit import hookspecs, pytest_plugin
+    from guidekit import hookspecs
+
+    plugin = plugin_source()
 
     links = links if links is not None else page_links(list(guidekit.__all__))
     hooks = hook_functions()
@@ -152,13 +200,13 @@ def hooks_markdown(links: Links | None = None, with_implementers: bool = True) -
     parts.append("## What a guidance receives")
     parts.extend(_class_section(cls, links) for cls in guidance_classes())
     parts.append("## Test fixtures for plugins { #fixtures }")
-    parts.append(docstring(inspect.getdoc(pytest_plugin), links))
-    for fx in fixtures(pytest_plugin):
+    parts.append(docstring(ast.get_docstring(ast.parse(plugin)), links))
+    for fx in fixtures(plugin):
         parts.append(f"### `{fx['name']}` {{ #{fx['name']} }}")
         value = f", value `{fx['value']}`" if fx["value"] else ""
         parts.append(f"Scope `{fx['scope']}`{escape(value)}.")
         parts.append(docstring(fx["doc"], links))
-    parts.append(_class_section(pytest_plugin.CliResult, links))
+    parts.append(source_dataclass_section(plugin, RESULT_CLASS, links))
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

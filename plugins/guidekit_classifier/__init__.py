@@ -15,7 +15,7 @@ The same from Python (``__all__``)::
     evaluate_guidance(dpm, clf, judge, [0, 4, 8])              # guidekit eval guidance
 
 Guided sampling is ``guidekit.sample`` with ``GuidanceRequest("classifier", scale,
-options={"classifier": "runs/clf", "class_": [3]})``, or :class:`ClassifierGuidance` in a
+options={"classifier": "runs/clf", "class": [3]})``, or :class:`ClassifierGuidance` in a
 ``guidekit.GuidanceTerm`` for a ``guidekit.Sampler``.
 """
 
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import typer
-from rich.table import Table
 
 from guidekit import trainer_options as opt
-from guidekit.data import load_dataset, save_image_grid
+from guidekit.data import save_image_grid
 from guidekit.errors import GuidekitError
 from guidekit.hookspecs import hookimpl
+from guidekit.lookup import load_dataset
+from guidekit.options import Option
 from guidekit.schedule import ScheduleConfig
 from guidekit.specs import (
     GuidanceSpec,
@@ -40,6 +40,7 @@ from guidekit.specs import (
     QuickstartContext,
     QuickstartStep,
     StepReport,
+    TrainerContext,
     TrainerSpec,
 )
 from guidekit.training import TrainConfig
@@ -92,117 +93,87 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'guidekit_classifier' has no attribute '{name}'")
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- trainers
 
 
-def _model_config(data: Any, model_channels: int, channel_mult: str, num_res_blocks: int,
-                  attention: str, num_heads: int, dropout: float) -> ClassifierConfig:
-    from guidekit.ddpm import parse_ints
-
+def _model_config(data: Any, o: dict[str, Any]) -> ClassifierConfig:
+    """The encoder UNet of a trainer's width/depth/attention option values."""
     return default_config(
-        data, model_channels=model_channels, channel_mult=parse_ints(channel_mult,
-        "--channel-mult"), num_res_blocks=num_res_blocks,
-        attention_resolutions=parse_ints(attention, "--attention"), num_heads=num_heads,
-        dropout=dropout,
+        data, model_channels=o["model_channels"],
+        channel_mult=opt.parse_ints(o["channel_mult"], "--channel-mult"),
+        num_res_blocks=o["num_res_blocks"],
+        attention_resolutions=opt.parse_ints(o["attention"], "--attention"),
+        num_heads=o["num_heads"], dropout=o["dropout"],
     )
 
 
-def accuracy_table(rows: list[dict[str, Any]], title: str = "held-out accuracy by t") -> Table:
-    """A rich table of :func:`~guidekit_classifier.training.accuracy_by_t` rows."""
-    table = Table("t", "accuracy", "n", title=title)
-    for r in rows:
-        table.add_row(f"{r['t_from']}..{r['t_to'] - 1}", f"{r['accuracy']:.3f}", str(r["n"]))
-    return table
+def accuracy_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """:func:`~guidekit_classifier.training.accuracy_by_t` rows formatted for a table."""
+    return [{"t": f"{r['t_from']}..{r['t_to'] - 1}", "accuracy": f"{r['accuracy']:.3f}",
+             "n": str(r["n"])} for r in rows]
 
 
-LabelledData = Annotated[str, typer.Option(help="A labelled dataset name (digits, shapes).")]
+LABELLED_DATA = Option("data", str, "digits", "A labelled dataset name (digits, shapes).")
+# Both classifiers are narrow encoder UNets without attention (default_config's choice).
+_NETWORK = opt.unet_options(model_channels=16, attention="")
+_FIT = dict(batch_size=64, lr=5e-3, weight_decay=0.0, ema_decay=0.99, grad_clip=1.0,
+            save_every=500, log_every=50)
+
+CLASSIFIER_OPTIONS: tuple[Option, ...] = (
+    LABELLED_DATA,
+    opt.out_option("runs/classifier"),
+    Option("dpm", Path, None, "The DDPM checkpoint to guide; its schedule is used."),
+    Option("schedule", str, None, "Noise schedule without --dpm (default linear).",
+           choices=("linear", "cosine")),
+    Option("timesteps", int, None, "Training timesteps T without --dpm (default 1000)."),
+    opt.IMAGE_SIZE,
+    *_NETWORK,
+    *opt.train_options(steps=1500, **_FIT),
+)
+
+JUDGE_OPTIONS: tuple[Option, ...] = (
+    LABELLED_DATA,
+    opt.out_option("runs/judge"),
+    opt.IMAGE_SIZE,
+    *_NETWORK,
+    *opt.train_options(steps=500, **_FIT),
+)
 
 
-def train_classifier_command(
-    ctx: typer.Context,
-    data: LabelledData = "digits",
-    out: opt.Out = Path("runs/classifier"),
-    dpm: Path = typer.Option(None, help="The DDPM checkpoint to guide; its schedule is used."),
-    schedule: str = typer.Option(None, help="Noise schedule without --dpm (default linear)."),
-    timesteps: int = typer.Option(None, help="Training timesteps T without --dpm (default 1000)."),
-    steps: opt.Steps = 1500,
-    batch_size: opt.BatchSize = 64,
-    lr: opt.LR = 5e-3,
-    weight_decay: opt.WeightDecay = 0.0,
-    ema_decay: opt.EMADecay = 0.99,
-    grad_clip: opt.GradClip = 1.0,
-    image_size: opt.ImageSize = None,
-    model_channels: opt.ModelChannels = 16,
-    channel_mult: opt.ChannelMult = "1,2,2",
-    num_res_blocks: opt.NumResBlocks = 1,
-    attention: opt.Attention = "",
-    num_heads: opt.NumHeads = 4,
-    dropout: opt.Dropout = 0.0,
-    seed: opt.Seed = 0,
-    bf16: opt.BF16 = False,
-    compile: opt.Compile = False,
-    device: opt.Device = None,
-    resume: opt.Resume = False,
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 50,
-    json_out: opt.JSONOut = False,
-) -> None:
+def classifier_trainer(ctx: TrainerContext) -> StepReport:
     """Train the noisy classifier p(y | x_t, t) that guides `guidekit sample --guidance
     classifier`. Give --dpm so it learns the DPM's schedule."""
-    config = opt.train_config(ctx)
-    if dpm is not None and (schedule is not None or timesteps is not None):
+    o = ctx.options
+    if o["dpm"] is not None and (o["schedule"] is not None or o["timesteps"] is not None):
         raise GuidekitError("the schedule comes from --dpm: drop --schedule/--timesteps")
-    sched = None if dpm else ScheduleConfig(kind=schedule or "linear",
-                                            num_timesteps=timesteps or 1000)
-    images = load_dataset(data, "train", image_size, seed)
-    model = _model_config(images, model_channels, channel_mult, num_res_blocks, attention,
-                          num_heads, dropout)
+    sched = None if o["dpm"] else ScheduleConfig(kind=o["schedule"] or "linear",
+                                                 num_timesteps=o["timesteps"] or 1000)
+    images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
     summary = train_classifier(
-        images, out, dpm=dpm, schedule=sched, model=model, config=config, resume=resume,
-        progress=not json_out, test=load_dataset(data, "test", images.image_size, seed),
+        images, o["out"], dpm=o["dpm"], schedule=sched, model=_model_config(images, o),
+        config=opt.train_config(o), resume=o["resume"], progress=ctx.progress,
+        test=load_dataset(o["data"], "test", images.image_size, o["seed"]),
     )
-    opt.report(summary, json_out, accuracy_table(summary["accuracy_by_t"]),
-               f"trained {KIND} in {summary['seconds']} s -> {out}")
+    tables = ({"held-out accuracy by t": accuracy_rows(summary["accuracy_by_t"])}
+              if "accuracy_by_t" in summary else {})
+    return StepReport(f"trained {KIND} in {summary['seconds']} s -> {o['out']}",
+                      tables=tables, metrics=summary)
 
 
-def train_judge_command(
-    ctx: typer.Context,
-    data: LabelledData = "digits",
-    out: opt.Out = Path("runs/judge"),
-    steps: opt.Steps = 500,
-    batch_size: opt.BatchSize = 64,
-    lr: opt.LR = 5e-3,
-    weight_decay: opt.WeightDecay = 0.0,
-    ema_decay: opt.EMADecay = 0.99,
-    grad_clip: opt.GradClip = 1.0,
-    image_size: opt.ImageSize = None,
-    model_channels: opt.ModelChannels = 16,
-    channel_mult: opt.ChannelMult = "1,2,2",
-    num_res_blocks: opt.NumResBlocks = 1,
-    attention: opt.Attention = "",
-    num_heads: opt.NumHeads = 4,
-    dropout: opt.Dropout = 0.0,
-    seed: opt.Seed = 0,
-    bf16: opt.BF16 = False,
-    compile: opt.Compile = False,
-    device: opt.Device = None,
-    resume: opt.Resume = False,
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 50,
-    json_out: opt.JSONOut = False,
-) -> None:
+def judge_trainer(ctx: TrainerContext) -> StepReport:
     """Train a clean classifier (t = 0) that judges generated samples; keep it separate from
     the guiding classifier."""
-    config = opt.train_config(ctx)
-    images = load_dataset(data, "train", image_size, seed)
-    model = _model_config(images, model_channels, channel_mult, num_res_blocks, attention,
-                          num_heads, dropout)
+    o = ctx.options
+    images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
     summary = train_judge(
-        images, out, model=model, config=config, resume=resume, progress=not json_out,
-        test=load_dataset(data, "test", images.image_size, seed),
+        images, o["out"], model=_model_config(images, o), config=opt.train_config(o),
+        resume=o["resume"], progress=ctx.progress,
+        test=load_dataset(o["data"], "test", images.image_size, o["seed"]),
     )
-    opt.report(summary, json_out, f"held-out accuracy {summary['test_accuracy']:.4f}",
-               f"trained {JUDGE_KIND} in {summary['seconds']} s -> {out}")
+    text = (f"held-out accuracy {summary['test_accuracy']:.4f}"
+            if "test_accuracy" in summary else "")
+    return StepReport(f"trained {JUDGE_KIND} in {summary['seconds']} s -> {o['out']}",
+                      metrics=summary, text=text)
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -285,9 +256,9 @@ def guidekit_models() -> list[ModelSpec]:
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
     return [
-        TrainerSpec(KIND, train_classifier_command,
+        TrainerSpec(KIND, classifier_trainer, options=CLASSIFIER_OPTIONS,
                     help="Train a noisy classifier p(y | x_t, t) for classifier guidance."),
-        TrainerSpec(JUDGE_KIND, train_judge_command,
+        TrainerSpec(JUDGE_KIND, judge_trainer, options=JUDGE_OPTIONS,
                     help="Train a clean classifier that judges generated samples."),
     ]
 
@@ -299,9 +270,10 @@ def guidekit_guidances() -> list[GuidanceSpec]:
 
 
 @hookimpl
-def guidekit_commands(cli: typer.Typer) -> None:
-    # imported here so a half-written evaluate module cannot break loading the plugin
-    from guidekit_classifier.evaluate import eval_app
+def guidekit_commands(cli: Any) -> None:
+    # cli is guidekit's typer.Typer. Imported here: typer stays in .cli, and a broken command
+    # module must not stop the plugin from loading.
+    from .cli import eval_app
 
     cli.add_typer(eval_app, name="eval")
 

@@ -10,53 +10,35 @@ samples: that rewards adversarial gradients, not images of the class.
 from __future__ import annotations
 
 import io
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import typer
-from rich.table import Table
 from torch import Tensor
 
 from guidekit.checkpoint import atomic_write_bytes
 from guidekit.data import save_image_grid
 from guidekit.ddpm import DPM, load_dpm
+from guidekit.engine import check_sampler, respacing
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm, timestep_weight
 from guidekit.specs import QuickstartContext, StepReport
-from guidekit.trainer_options import report
 
 from .guidance import ClassifierGuidance
 from .training import JUDGE_KIND, KIND, LoadedClassifier, check_compatible, load_classifier
 from .training import predict as judge_probs
 
-SAMPLERS = ("ddim", "ddpm")
 METRICS = ("accuracy", "confidence", "diversity")
-
-eval_app = typer.Typer(help="Evaluate guided sampling against a separate judge.",
-                       no_args_is_help=True)
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def parse_scales(text: str) -> list[float]:
-    """``"0,1,2.5"`` -> [0.0, 1.0, 2.5]; anything else is a one-line error."""
-    try:
-        scales = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        scales = []
-    if not scales or not all(math.isfinite(s) for s in scales):
-        raise GuidekitError(f"--scales must be comma-separated numbers like 0,1,2,4, got '{text}'")
-    return scales
-
-
 def check_judge(judge: LoadedClassifier, clf: LoadedClassifier, dpm: DPM) -> None:
     """The judge must score the DPM's images and know the guide's classes."""
-    if judge is clf or (judge.path and clf.path and _same(judge.path, clf.path)):
+    if judge is clf or (judge.path and clf.path and same_path(judge.path, clf.path)):
         raise GuidekitError("the judge must not be the guiding classifier")
     if judge.image_shape != dpm.image_shape:
         shape = "x".join(map(str, judge.image_shape))
@@ -69,7 +51,8 @@ def check_judge(judge: LoadedClassifier, clf: LoadedClassifier, dpm: DPM) -> Non
                             f"{clf.num_classes}: train both on the same data")
 
 
-def _same(a: str | Path, b: str | Path) -> bool:
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder."""
     return Path(a).resolve() == Path(b).resolve()
 
 
@@ -103,11 +86,10 @@ def guided_samples(
     terms = [] if scale == 0 else [
         GuidanceTerm(ClassifierGuidance(clf.model, classes.to(device)), scale, weight, KIND)
     ]
-    engine = dpm.sampler(steps=f"ddim{steps}" if sampler == "ddim" else steps, clip_x0=True)
-    run = engine.ddim if sampler == "ddim" else engine.ddpm
+    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True)
     gen = torch.Generator(device).manual_seed(seed)
-    x = run(shape=(len(classes), *dpm.image_shape), guidance=terms, generator=gen,
-            device=device, progress=progress)
+    x = engine.sample(sampler, shape=(len(classes), *dpm.image_shape), guidance=terms,
+                      generator=gen, device=device, progress=progress)
     return x.clamp(-1, 1)
 
 
@@ -132,8 +114,7 @@ def evaluate_guidance(
     not JSON-serialisable, ``"classes"`` (N,) and ``"samples"`` (one (N, C, H, W) per scale).
     The best scale has the highest accuracy, then confidence.
     """
-    if sampler not in SAMPLERS:
-        raise GuidekitError(f"unknown sampler '{sampler}': choose ddim or ddpm")
+    check_sampler(sampler)
     if per_class < 2:
         raise GuidekitError(f"--per-class must be >= 2 to measure diversity, got {per_class}")
     if steps < 1:
@@ -217,55 +198,30 @@ def best_grid(result: dict[str, Any], path: str | Path) -> Path:
     return save_image_grid(x, path, nrow=result["per_class"], scale=max(1, 64 // x.shape[-1]))
 
 
-def sweep_table(result: dict[str, Any]) -> Table:
-    table = Table("scale", *METRICS, "seconds",
-                  title=f"{result['sampler'].upper()}-{result['steps']}, "
-                  f"{result['per_class']} per class, judged")
-    for r in result["scales"]:
-        mark = " *" if r["scale"] == result["best_scale"] else ""
-        table.add_row(f"{r['scale']:g}{mark}", *(f"{r[m]:.3f}" for m in METRICS),
-                      f"{r['seconds']:.1f}")
-    return table
-
-
-@eval_app.command("guidance")
-def guidance_command(
-    checkpoint: Path = typer.Option(..., help="The ddpm checkpoint to sample."),
-    classifier: Path = typer.Option(..., help="The noisy classifier that guides."),
-    judge: Path = typer.Option(..., help="A separate clean judge (`guidekit train judge`)."),
-    scales: str = typer.Option("0,1,2,4,8", help="Comma-separated guidance scales."),
-    sampler: str = typer.Option("ddim", help="ddim or ddpm."),
-    steps: int = typer.Option(50, help="Sampling steps (respaced from the T training steps)."),
-    per_class: int = typer.Option(10, help="Samples per class at each scale."),
-    seed: int = typer.Option(0, help="Seed of x_T and the sampling noise (same every scale)."),
-    guidance_schedule: str = typer.Option("constant", help="constant, snr:LO:HI or t:LO:HI."),
-    out_dir: Path = typer.Option(None, help="Where the plot and grid go "
-                                 "(default: CLASSIFIER/eval_SAMPLER)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Sweep the classifier-guidance scale; a separate judge scores every class's samples."""
-    scale_list = parse_scales(scales)
-    if _same(judge, classifier):
-        raise GuidekitError("the judge must not be the guiding classifier")
-    if sampler not in SAMPLERS:
-        raise GuidekitError(f"unknown sampler '{sampler}': choose ddim or ddpm")
-    dpm = load_dpm(checkpoint, device)
-    clf = load_classifier(classifier, KIND, device)
-    jdg = load_classifier(judge, JUDGE_KIND, device)
-    result = evaluate_guidance(
-        dpm, clf, jdg, scale_list, sampler=sampler, steps=steps, per_class=per_class,
-        seed=seed, schedule=guidance_schedule, progress=not json_out,
-    )
-    out = out_dir or classifier / f"eval_{sampler}"
+def save_sweep(result: dict[str, Any], out_dir: str | Path) -> StepReport:
+    """Write the sweep's plot and best grid into ``out_dir``; the report of
+    ``guidekit eval guidance``: its figures (``metrics``, what ``--json`` prints), the table
+    of scales (the best one starred) and where the files went."""
+    out = Path(out_dir)
+    label = f"{result['sampler'].upper()}-{result['steps']}"
     summary = {
         **jsonable(result),
         "plot": str(plot_sweep(result["scales"], out / "sweep.png",
-                               f"{sampler.upper()}-{steps}: judged samples")),
+                               f"{label}: judged samples")),
         "grid": str(best_grid(result, out / "best_grid.png")),
     }
-    report(summary, json_out, sweep_table(result), f"plot: {summary['plot']}",
-           f"grid (scale {result['best_scale']:g}, one row per class): {summary['grid']}")
+    rows = [
+        {"scale": f"{r['scale']:g}" + (" *" if r["scale"] == result["best_scale"] else ""),
+         **{m: f"{r[m]:.3f}" for m in METRICS}, "seconds": f"{r['seconds']:.1f}"}
+        for r in result["scales"]
+    ]
+    return StepReport(
+        f"grid (scale {result['best_scale']:g}, one row per class): {summary['grid']}",
+        images=[Path(summary["plot"]), Path(summary["grid"])],
+        tables={f"{label}, {result['per_class']} per class, judged": rows},
+        metrics=summary,
+        text=f"plot: {summary['plot']}",
+    )
 
 
 # --------------------------------------------------------------------------- quickstart

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import click
 import torch
 from torch import Tensor
 
 from guidekit.errors import GuidekitError
 from guidekit.guidance import StepInput
+from guidekit.options import Option
 from guidekit.specs import GuidanceContext
 
 from .training import KIND, check_compatible, load_classifier
@@ -90,25 +90,25 @@ def classes_for(
 def build_classifier_guidance(ctx: GuidanceContext) -> ClassifierGuidance:
     """Build from ``--classifier PATH`` and ``--class``/``--class-per-row`` (the
     ``classifier`` guidance of ``guidekit sample``)."""
-    path = ctx.options.get("classifier")
+    path = ctx.options["classifier"]
     if not path:
         raise GuidekitError(MISSING_CLASSIFIER)
     clf = load_classifier(Path(path), KIND, ctx.device)
     check_compatible(clf, ctx.dpm_config)
-    classes = classes_for(
-        ctx.num_samples, clf.num_classes, ctx.options.get("class_") or None,
-        bool(ctx.options.get("class_per_row")),
-    )
+    classes = classes_for(ctx.num_samples, clf.num_classes, ctx.options["class"],
+                          ctx.options["class_per_row"])
     return ClassifierGuidance(clf.model, classes.to(ctx.device))
 
 
-def guidance_options() -> list[click.Option]:
+GUIDANCE_OPTIONS: tuple[Option, ...] = (
+    Option("classifier", str, None, "A classifier checkpoint (`guidekit train classifier`)."),
+    Option("class", int, (), "Class to guide toward (repeat to cycle through several).",
+           multiple=True),
+    Option("class_per_row", bool, False,
+           "One class per block of n / num_classes samples (a class grid)."),
+)
+
+
+def guidance_options() -> list[Option]:
     """The ``guidekit sample`` options of ``--guidance classifier``."""
-    return [
-        click.Option(["--classifier"], type=str, default=None,
-                     help="A classifier checkpoint (`guidekit train classifier`)."),
-        click.Option(["--class", "class_"], type=int, multiple=True, default=(),
-                     help="Class to guide toward (repeat to cycle through several)."),
-        click.Option(["--class-per-row"], is_flag=True, default=False,
-                     help="One class per block of n / num_classes samples (a class grid)."),
-    ]
+    return list(GUIDANCE_OPTIONS)

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from guidekit import ops
 from guidekit.checkpoint import atomic_write_bytes, load_weights, read_checkpoint
-from guidekit.data import ImageData, load_dataset
+from guidekit.data import ImageData
 from guidekit.ddpm import KIND as DDPM_KIND
-from guidekit.ddpm import build_model, data_meta
+from guidekit.ddpm import data_meta
+from guidekit.distributed import resolve_device
 from guidekit.errors import GuidekitError
-from guidekit.plugins import get_registry
+from guidekit.lookup import build_model, dataset_names, load_dataset
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.training import TrainConfig, fit
 from guidekit.unet import ClassifierConfig, EncoderUNet
@@ -156,7 +157,9 @@ def load_classifier(
     path: str | Path, kind: str = KIND, device: str | torch.device = "cpu"
 ) -> LoadedClassifier:
     """Load a ``classifier`` (or, with ``kind=JUDGE_KIND``, a ``judge``) checkpoint's EMA
-    weights; wrong kinds, missing paths and mismatched weights are one-line errors."""
+    weights on ``device`` (``auto``: a GPU when there is one); wrong kinds, missing paths and
+    mismatched weights are one-line errors."""
+    device = resolve_device(device)
     ckpt = read_checkpoint(path, kind)
     model = build_model(ckpt.config["model"])
     if not isinstance(model, EncoderUNet):
@@ -234,7 +237,7 @@ def _held_out(data: ImageData, test: ImageData | None) -> ImageData | None:
     """The test split of a registered dataset (None when there is none to load)."""
     if test is not None:
         return test
-    if data.name in get_registry().names("dataset"):
+    if data.name in dataset_names():
         return load_dataset(data.name, "test", data.image_size)
     return None
 

@@ -9,11 +9,11 @@ From Python: ``guidekit.train_ddpm(data, out, weighting="p2", weighting_options=
 
 from __future__ import annotations
 
-import click
 import torch
 
 from guidekit.errors import GuidekitError
 from guidekit.hookspecs import hookimpl
+from guidekit.options import Option
 from guidekit.schedule import NoiseSchedule
 from guidekit.specs import WeightingSpec
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = ["p2_weights"]
 
 
-def p2_weights(schedule: NoiseSchedule, p2_gamma: float = 1.0, p2_k: float = 1.0) -> torch.Tensor:
+def p2_weights(schedule: NoiseSchedule, p2_gamma: float, p2_k: float) -> torch.Tensor:
     """λ'_t = 1 / (k + SNR(t))^γ over the schedule's steps."""
     if p2_k <= 0 and p2_gamma > 0:
         raise GuidekitError(f"--p2-k must be > 0, got {p2_k}")
@@ -38,10 +38,8 @@ def guidekit_weightings() -> list[WeightingSpec]:
             p2_weights,
             help="P2: λ_t / (k + SNR)^γ, favouring the content stage.",
             options=[
-                click.Option(["--p2-gamma"], type=float, default=1.0, show_default=True,
-                             help="γ of P2 (0 = uniform)."),
-                click.Option(["--p2-k"], type=float, default=1.0, show_default=True,
-                             help="k of P2."),
+                Option("p2_gamma", float, 1.0, "γ of P2 (0 = uniform)."),
+                Option("p2_k", float, 1.0, "k of P2."),
             ],
         )
     ]

@@ -22,36 +22,39 @@ is the ``pdae`` guidance for a ``guidekit.GuidanceTerm``.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
 import torch
-import typer
 
-from guidekit import trainer_options as opt
-from guidekit.data import load_dataset
-from guidekit.hookspecs import hookimpl
-from guidekit.schedule import NoiseSchedule
-from guidekit.specs import GuidanceSpec, ModelSpec, QuickstartStep, TrainerSpec, WeightingSpec
+from guidekit import (
+    GuidanceSpec,
+    ModelSpec,
+    NoiseSchedule,
+    Option,
+    QuickstartStep,
+    TrainerSpec,
+    WeightingSpec,
+    hookimpl,
+)
 
 from .guidance import (
+    GUIDANCE_OPTIONS,
     PDAEGuidance,
     build_pdae_guidance,
-    guidance_options,
     load_latents,
     save_latents,
 )
 from .latent import KIND as LATENT_KIND
 from .latent import (
+    LATENT_OPTIONS,
     LoadedLatentDPM,
     latent_model_spec,
+    latent_trainer,
     load_latent_dpm,
     sample_pdae,
-    train_latent_command,
     train_pdae_latent,
 )
-from .training import KIND, LoadedPDAE, load_pdae, train_pdae
+from .training import KIND, PDAE_OPTIONS, LoadedPDAE, load_pdae, pdae_trainer, train_pdae
 
 __version__ = "0.1.0"
 
@@ -93,6 +96,8 @@ _LAZY = {
                  "posterior_mean_gap"),
 }
 if TYPE_CHECKING:
+    import typer
+
     from .analysis import linear_probe, one_step_x0, onestep_grid, plot_gap, posterior_mean_gap
     from .autoencoding import (
         Direction,
@@ -114,46 +119,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
 
 
-def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float = 0.1) -> torch.Tensor:
+def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float) -> torch.Tensor:
     """λ_t = (1/(1+SNR))^{1−γ} (SNR/(1+SNR))^γ = SNR^γ / (1+SNR)."""
     snr = schedule.float64["snr"]
     return (snr**pdae_gamma / (1 + snr)).to(torch.float32)
-
-
-def train_pdae_command(
-    ctx: typer.Context,
-    pretrained: Path = typer.Option(..., help="The frozen DDPM checkpoint to build on."),
-    data: opt.Data = "digits",
-    out: opt.Out = Path("runs/pdae"),
-    latent_dim: int = typer.Option(64, help="Size of z."),
-    encoder_channels: int = typer.Option(32, help="Base width of the encoder E_φ."),
-    weighting: opt.Weighting = "pdae",
-    steps: opt.Steps = 2000,
-    batch_size: opt.BatchSize = 32,
-    lr: opt.LR = 1e-3,
-    weight_decay: opt.WeightDecay = 0.0,
-    ema_decay: opt.EMADecay = 0.995,
-    grad_clip: opt.GradClip = 1.0,
-    image_size: opt.ImageSize = None,
-    seed: opt.Seed = 0,
-    bf16: opt.BF16 = False,
-    compile: opt.Compile = False,
-    device: opt.Device = None,
-    resume: opt.Resume = False,
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 50,
-    json_out: opt.JSONOut = False,
-) -> None:
-    """Train PDAE's encoder and gradient estimator on a frozen DPM (its weights never change).
-    Weighting options (e.g. --pdae-gamma) follow --weighting."""
-    images = load_dataset(data, "train", image_size, seed)
-    summary = train_pdae(
-        images, out, pretrained=pretrained, latent_dim=latent_dim,
-        encoder_channels=encoder_channels, weighting=weighting,
-        weighting_options=opt.weighting_options(ctx), config=opt.train_config(ctx),
-        resume=resume, progress=not json_out,
-    )
-    opt.report(summary, json_out, f"trained {KIND} in {summary['seconds']} s -> {out}")
 
 
 @hookimpl
@@ -162,8 +131,7 @@ def guidekit_weightings() -> list[WeightingSpec]:
         WeightingSpec(
             "pdae", pdae_weights,
             help="PDAE: SNR^γ / (1+SNR), favouring the noisy steps where the gap is.",
-            options=[click.Option(["--pdae-gamma"], type=float, default=0.1, show_default=True,
-                                  help="γ of the PDAE weighting.")],
+            options=[Option("pdae_gamma", float, 0.1, "γ of the PDAE weighting.")],
         )
     ]
 
@@ -171,9 +139,9 @@ def guidekit_weightings() -> list[WeightingSpec]:
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
     return [
-        TrainerSpec(KIND, train_pdae_command,
+        TrainerSpec(KIND, pdae_trainer, options=PDAE_OPTIONS,
                     help="Train PDAE (encoder + gradient estimator) on a frozen DPM."),
-        TrainerSpec(LATENT_KIND, train_latent_command,
+        TrainerSpec(LATENT_KIND, latent_trainer, options=LATENT_OPTIONS,
                     help="Train a DPM over a PDAE's latents, for `guidekit pdae sample`."),
     ]
 
@@ -185,14 +153,15 @@ def guidekit_models() -> list[ModelSpec]:
 
 @hookimpl
 def guidekit_guidances() -> list[GuidanceSpec]:
-    return [GuidanceSpec(KIND, build_pdae_guidance, options=guidance_options(),
+    return [GuidanceSpec(KIND, build_pdae_guidance, options=GUIDANCE_OPTIONS,
                          help="PDAE's learned mean shift G_ψ(x_t, z, t) toward latents z.")]
 
 
 @hookimpl
 def guidekit_commands(cli: typer.Typer) -> None:
-    # imported here so a failing command module cannot break the rest of the plugin
-    from .commands import pdae_app
+    # imported here: typer only loads for the CLI, and a failing command module cannot
+    # break the rest of the plugin
+    from .cli import pdae_app
 
     cli.add_typer(pdae_app, name="pdae")
 

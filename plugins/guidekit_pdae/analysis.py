@@ -6,7 +6,8 @@
 - probe: how much of x_0's labels or factors a linear model reads off z = E_φ(x_0), against
   raw pixels and an untrained encoder of the same shape.
 
-All run on held-out (test) images, with a fixed seed for the noise.
+All run on held-out (test) images, with a fixed seed for the noise. The commands live in
+:mod:`guidekit_pdae.cli`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import typer
-from rich.table import Table
 from torch import Tensor
 
-from guidekit import ops
+from guidekit import GuidekitError, ImageData, load_dataset, ops, save_image_grid
 from guidekit.checkpoint import atomic_write_bytes
-from guidekit.data import ImageData, load_dataset, save_image_grid
-from guidekit.ddpm import parse_ints
-from guidekit.errors import GuidekitError
-from guidekit.trainer_options import report
+from guidekit.trainer_options import parse_ints
 
 from .networks import Encoder, EncoderConfig
-from .options import DATA_OPT, DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
-from .training import LoadedPDAE, check_data, load_pdae
+from .training import LoadedPDAE, check_data
 
 BATCH = 256
 
@@ -75,7 +70,8 @@ def held_out(pdae: LoadedPDAE, data: str, split: str = "test",
     return images
 
 
-def _first(images: ImageData, n: int) -> Tensor:
+def first_images(images: ImageData, n: int) -> Tensor:
+    """The first ``n`` images (n >= 1, else a one-line error)."""
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
     return images.images[:n]
@@ -154,13 +150,12 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def gap_table(rows: list[dict[str, float]], n: int) -> Table:
-    table = Table("t", "pre-trained", "PDAE", "PDAE / pre-trained",
-                  title=f"Posterior mean gap E‖μ − μ̃(x_t, x_0)‖² per pixel, {n} test images")
-    for r in rows:
-        table.add_row(str(r["t"]), f"{r['pretrained']:.3e}", f"{r['pdae']:.3e}",
-                      f"{r['ratio']:.3f}")
-    return table
+def gap_table(rows: list[dict[str, float]], n: int) -> dict[str, list[dict[str, str]]]:
+    """The gap per t as a titled table of formatted rows (``StepReport.tables``)."""
+    title = f"Posterior mean gap E‖μ − μ̃(x_t, x_0)‖² per pixel, {n} test images"
+    return {title: [{"t": str(r["t"]), "pre-trained": f"{r['pretrained']:.3e}",
+                     "PDAE": f"{r['pdae']:.3e}", "PDAE / pre-trained": f"{r['ratio']:.3f}"}
+                    for r in rows]}
 
 
 # --------------------------------------------------------------------------- one step
@@ -204,15 +199,16 @@ def onestep_grid(x0: Tensor, result: dict[str, Any], path: str | Path) -> Path:
     return save_image_grid(torch.cat(blocks), path, nrow=len(x0), scale=4)
 
 
-def onestep_table(rows: list[dict[str, float]], n: int) -> Table:
-    table = Table("t", "pre-trained MSE", "PDAE MSE", "PDAE / pre-trained",
-                  title=f"One-step x̂_0 from x_t, {n} test images "
-                  "(per-pixel MSE on the [0, 1] scale, x̂_0 clamped)")
+def onestep_table(rows: list[dict[str, float]], n: int) -> dict[str, list[dict[str, str]]]:
+    """The one-step MSEs as a titled table of formatted rows (``StepReport.tables``)."""
+    title = (f"One-step x̂_0 from x_t, {n} test images "
+             "(per-pixel MSE on the [0, 1] scale, x̂_0 clamped)")
+    table = []
     for r in rows:
         ratio = r["pdae_mse"] / r["pretrained_mse"] if r["pretrained_mse"] > 0 else float("nan")
-        table.add_row(str(r["t"]), f"{r['pretrained_mse']:.4f}", f"{r['pdae_mse']:.4f}",
-                      f"{ratio:.3f}")
-    return table
+        table.append({"t": str(r["t"]), "pre-trained MSE": f"{r['pretrained_mse']:.4f}",
+                      "PDAE MSE": f"{r['pdae_mse']:.4f}", "PDAE / pre-trained": f"{ratio:.3f}"})
+    return {title: table}
 
 
 # --------------------------------------------------------------------------- probe
@@ -294,89 +290,12 @@ def _majority(y: np.ndarray, y_test: np.ndarray) -> float:
     return float((y_test == values[counts.argmax()]).mean())
 
 
-def probe_table(result: dict[str, Any], data: str) -> Table:
-    table = Table("target", "metric", "PDAE z", "raw pixels", "random encoder", "chance",
-                  title=f"Linear probe on '{data}': fit on {result['n_train']} train images, "
-                  f"scored on {result['n_test']} test images (z: {result['latent_dim']} dims)")
-    for r in result["targets"]:
-        table.add_row(r["target"], r["metric"],
-                      *(f"{r[k]:.3f}" for k in ("pdae", "pixels", "random", "chance")))
-    return table
-
-
-# --------------------------------------------------------------------------- commands
-
-SEED_OPT = typer.Option(0, help="Seed of the noise (and of the random encoder).")
-
-
-def gap_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    timesteps: str = typer.Option(None, help="Comma-separated t in 1..T-1 (default: 1, T/100, "
-                                  "T/40, T/20, every T/10, T-1)."),
-    n: int = typer.Option(256, help="Test images to average over."),
-    image_size: int = SIZE_OPT,
-    seed: int = SEED_OPT,
-    out_dir: Path = typer.Option(None, help="Where gap.png goes (default: PDAE/analysis)."),
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
-    model = load_pdae(pdae, pretrained, device)
-    ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
-    x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
-    rows = posterior_mean_gap(model, x0, ts, seed=seed)
-    plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
-                    f"posterior mean gap, {len(x0)} test images")
-    report({"n": len(x0), "timesteps": rows, "plot": str(plot)}, json_out,
-           gap_table(rows, len(x0)), f"plot: {plot}")
-
-
-def onestep_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    timesteps: str = typer.Option(None, help="Comma-separated t in 0..T-1 (default: T/10, "
-                                  "3T/10, ..., 9T/10: 100,300,500,700,900 for T = 1000)."),
-    n: int = typer.Option(8, help="Test images (one grid column each)."),
-    image_size: int = SIZE_OPT,
-    seed: int = SEED_OPT,
-    out_dir: Path = typer.Option(None, help="Where onestep.png goes (default: PDAE/analysis)."),
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """x̂_0 from x_t in one step, pre-trained vs PDAE."""
-    model = load_pdae(pdae, pretrained, device)
-    ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
-    x0 = _first(held_out(model, data, image_size=image_size, seed=seed), n)
-    result = one_step_x0(model, x0, ts, seed=seed)
-    grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
-    summary = {"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
-               "grid": str(grid)}
-    report(summary, json_out, onestep_table(result["rows"], len(x0)),
-           f"grid (row 1 the originals, then per t: x_t / pre-trained x̂_0 / PDAE x̂_0): {grid}")
-
-
-def probe_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    image_size: int = SIZE_OPT,
-    seed: int = SEED_OPT,
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Linear-probe accuracy (or R²) of z against raw pixels and a random encoder."""
-    model = load_pdae(pdae, pretrained, device)
-    train = held_out(model, data, "train", image_size, seed)
-    probe_targets(train)  # fail before encoding anything
-    result = linear_probe(model, train, held_out(model, data, "test", image_size, seed),
-                          seed=seed)
-    report(result, json_out, probe_table(result, data))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("gap")(gap_command)
-    app.command("onestep")(onestep_command)
-    app.command("probe")(probe_command)
+def probe_table(result: dict[str, Any], data: str) -> dict[str, list[dict[str, str]]]:
+    """The probe's scores as a titled table of formatted rows (``StepReport.tables``)."""
+    title = (f"Linear probe on '{data}': fit on {result['n_train']} train images, scored on "
+             f"{result['n_test']} test images (z: {result['latent_dim']} dims)")
+    columns = {"pdae": "PDAE z", "pixels": "raw pixels", "random": "random encoder",
+               "chance": "chance"}
+    return {title: [{"target": r["target"], "metric": r["metric"],
+                     **{name: f"{r[k]:.3f}" for k, name in columns.items()}}
+                    for r in result["targets"]]}

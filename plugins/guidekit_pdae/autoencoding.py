@@ -4,12 +4,12 @@ Every decode is deterministic DDIM (η = 0) on the frozen DPM with PDAE's mean s
 G_ψ(x_t, z, t) as a guidance term at scale 1. "Inferred x_T" is DDIM inversion of x_0 with the
 same shift on, as in the paper; x̂_0 is not clipped there, so inversion and decoding are exact
 inverses. Decodes from a random x_T clip x̂_0 to [−1, 1] as ``guidekit sample`` does: on the
-quickstart DPM that saves some samples that otherwise saturate.
+quickstart DPM that saves some samples that otherwise saturate. The commands live in
+:mod:`guidekit_pdae.cli`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import typer
-from rich.table import Table
 from torch import Tensor
 
-from guidekit.data import ImageData, load_dataset, load_image_folder, save_image_grid
-from guidekit.engine import Sampler
-from guidekit.errors import GuidekitError
-from guidekit.guidance import GuidanceTerm
-from guidekit.plugins import get_registry
-from guidekit.trainer_options import report
+from guidekit import GuidanceTerm, GuidekitError, ImageData, Sampler, load_dataset, save_image_grid
+from guidekit.data import load_image_folder
+from guidekit.engine import respacing
+from guidekit.lookup import dataset_names
 
 from .guidance import PDAEGuidance, save_latents
 from .metrics import load_lpips, mse, ssim
-from .options import DATA_OPT, DEVICE_OPT, JSON_OPT, PDAE_OPT, PRETRAINED_OPT, SIZE_OPT
-from .training import KIND, LoadedPDAE, check_data, load_pdae
+from .training import KIND, LoadedPDAE, check_data
 
 XT_CHOICES = ("inferred", "random", "both")
 INTERP_MODES = ("z", "shift", "both")
@@ -49,7 +44,7 @@ def load_images(
     shape. Folders have no size or colour of their own: they load as the DPM takes them."""
     c, s, _ = pdae.dpm.image_shape
     folder = Path(data).expanduser()
-    if data not in get_registry().names("dataset") and folder.is_dir():
+    if data not in dataset_names() and folder.is_dir():
         images = load_image_folder(folder, image_size or s, channels=c)
     else:
         images = load_dataset(data, split, image_size)
@@ -60,9 +55,7 @@ def load_images(
 def ddim_sampler(pdae: LoadedPDAE, steps: int, clip: bool = False) -> Sampler:
     """DDIM over ``steps`` of the T training steps (``ddimK`` respacing); ``clip`` clamps x̂_0
     (off for inversion and its decode, which must mirror each other)."""
-    if steps < 1:
-        raise GuidekitError(f"--steps must be >= 1, got {steps}")
-    return pdae.dpm.sampler(steps=f"ddim{steps}", clip_x0=clip)
+    return pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=clip)
 
 
 def shift_terms(
@@ -174,15 +167,15 @@ def reconstruction_grid(x0: Tensor, images: dict[str, Tensor], path: str | Path)
     return save_image_grid(torch.cat(rows), path, nrow=cols, scale=GRID_SCALE)
 
 
-def reconstruction_table(result: dict[str, Any]) -> Table:
-    table = Table("method", "latent dim", "SSIM ↑", "LPIPS ↓", "MSE ↓",
-                  title=f"Reconstruction of {result['n']} held-out images, DDIM-"
-                  f"{result['steps']} (SSIM, MSE on [0, 1])")
-    for r in result["methods"]:
-        lp = "-" if r["lpips"] is None else f"{r['lpips']:.3f}"
-        table.add_row(r["method"], f"{r['latent_dim']:,}", f"{r['ssim']:.4f}", lp,
-                      f"{r['mse']:.2e}")
-    return table
+def reconstruction_table(result: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """The result as a titled table of formatted rows (``StepReport.tables``)."""
+    title = (f"Reconstruction of {result['n']} held-out images, DDIM-{result['steps']} "
+             "(SSIM, MSE on [0, 1])")
+    rows = [{"method": r["method"], "latent dim": f"{r['latent_dim']:,}",
+             "SSIM ↑": f"{r['ssim']:.4f}",
+             "LPIPS ↓": "-" if r["lpips"] is None else f"{r['lpips']:.3f}",
+             "MSE ↓": f"{r['mse']:.2e}"} for r in result["methods"]]
+    return {title: rows}
 
 
 # --------------------------------------------------------------------------- interpolate
@@ -370,169 +363,20 @@ def edit_held_out(
     return result
 
 
-def manipulation_table(result: dict[str, Any]) -> Table:
-    table = Table("scale", f"judged p(label {result['label']})", "fraction rising vs s=0",
-                  title=f"Editing {result['n']} held-out non-{result['label']} images along "
-                  f"the '{result['label']}' direction (linear probe accuracy: train "
-                  f"{result['train_accuracy']:.3f}, test {result.get('test_accuracy', 0):.3f})")
-    for r in result["scales"]:
-        table.add_row(f"{r['scale']:g}", f"{r['p_label']:.3f}", f"{r['rose']:.3f}")
-    return table
+def manipulation_table(result: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """The result as a titled table of formatted rows (``StepReport.tables``)."""
+    title = (f"Editing {result['n']} held-out non-{result['label']} images along the "
+             f"'{result['label']}' direction (linear probe accuracy: train "
+             f"{result['train_accuracy']:.3f}, test {result.get('test_accuracy', 0):.3f})")
+    judged = f"judged p(label {result['label']})"
+    rows = [{"scale": f"{r['scale']:g}", judged: f"{r['p_label']:.3f}",
+             "fraction rising vs s=0": f"{r['rose']:.3f}"} for r in result["scales"]]
+    return {title: rows}
 
 
-def parse_scales(text: str) -> list[float]:
-    """``"-2,-1,0,1,2"`` -> floats; anything else is a one-line error."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise GuidekitError(f"--scales must be comma-separated numbers like -2,-1,0,1,2, "
-                            f"got '{text}'")
-    return values
-
-
-# --------------------------------------------------------------------------- commands
-
-
-def _pick(data: ImageData, index: int, flag: str) -> Tensor:
+def pick_image(data: ImageData, index: int, flag: str) -> Tensor:
+    """Image ``index`` of ``data``; out of range is a one-line error naming ``flag``."""
     if not 0 <= index < len(data):
         raise GuidekitError(f"{flag} {index} is out of range: '{data.name}' has {len(data)} "
                             f"images in this split (0..{len(data) - 1})")
     return data.images[index]
-
-
-STEPS_OPT = typer.Option(100, help="DDIM steps (ddimK respacing of the T training steps).")
-
-
-def encode_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    split: str = typer.Option("test", help="train or test (a folder is used whole)."),
-    out: Path = typer.Option(Path("latents.safetensors"), help="Latent file to write."),
-    image_size: int = SIZE_OPT,
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Encode every image of a split: z = E_φ(x_0), for `--guidance pdae --latents`."""
-    model = load_pdae(pdae, pretrained, device)
-    summary = encode_images(model, load_images(model, data, split, image_size), out)
-    report(summary, json_out, f"wrote {summary['n']} latents ({summary['latent_dim']}-d) of "
-           f"{data}/{split} -> {summary['out']}")
-
-
-def reconstruct_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    split: str = typer.Option("test", help="Held-out split to reconstruct."),
-    n: int = typer.Option(64, help="Number of images (the first N of the split)."),
-    steps: int = STEPS_OPT,
-    xT: str = typer.Option("both", "--xT", help="inferred (DDIM inversion), random "
-                           "(x_T ~ N(0, I)) or both."),
-    seed: int = typer.Option(0, help="Seed of the random x_T."),
-    out_dir: Path = typer.Option(Path("runs/pdae_reconstruct"), help="Where grid.png goes."),
-    lpips_alexnet: Path = typer.Option(None, help="torchvision's alexnet-owt-7be5be79.pth "
-                                       "(for LPIPS)."),
-    lpips_linear: Path = typer.Option(None, help="LPIPS v0.1's alex.pth (for LPIPS)."),
-    image_size: int = SIZE_OPT,
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Autoencode held-out images; SSIM, MSE (images in [0, 1]) and LPIPS per method, and a
-    grid: originals, then one row per method."""
-    if n < 1:
-        raise GuidekitError(f"--n must be >= 1, got {n}")
-    if xT not in XT_CHOICES:
-        raise GuidekitError(f"unknown --xT '{xT}': choose inferred, random or both")
-    files = None
-    if lpips_alexnet is not None or lpips_linear is not None:
-        load_lpips(lpips_alexnet, lpips_linear)  # a missing one fails before any sampling
-        files = (lpips_alexnet, lpips_linear)
-    model = load_pdae(pdae, pretrained, device)
-    x0 = load_images(model, data, split, image_size).images[:n]
-    result = reconstruct(model, x0, steps=steps, xT=xT, seed=seed, lpips_files=files,
-                         progress=not json_out)
-    grid = reconstruction_grid(x0, result.pop("images"), out_dir / "grid.png")
-    result["grid"] = str(grid)
-    rows = ", ".join(["originals", *(r["method"] for r in result["methods"])])
-    report(result, json_out, reconstruction_table(result), f"grid (rows: {rows}): {grid}")
-
-
-def interpolate_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    split: str = typer.Option("test", help="Split the two images come from."),
-    a: int = typer.Option(0, help="Index of the first image."),
-    b: int = typer.Option(1, help="Index of the second image."),
-    mode: str = typer.Option("both", help="z (lerp z), shift (lerp G_ψ) or both."),
-    frames: int = typer.Option(7, help="Interpolation points, ends included."),
-    steps: int = STEPS_OPT,
-    out: Path = typer.Option(Path("runs/pdae_interpolate.png"), help="PNG grid to write."),
-    image_size: int = SIZE_OPT,
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Interpolate between two images: slerp of inferred x_T, lerp of z or of the shift.
-    Grid: one row per mode, image a, the frames, image b."""
-    if mode not in INTERP_MODES:
-        raise GuidekitError(f"unknown --mode '{mode}': choose z, shift or both")
-    modes = ("z", "shift") if mode == "both" else (mode,)
-    model = load_pdae(pdae, pretrained, device)
-    images = load_images(model, data, split, image_size)
-    xa, xb = _pick(images, a, "--a"), _pick(images, b, "--b")
-    result = interpolate(model, xa, xb, modes=modes, frames=frames, steps=steps,
-                         progress=not json_out)
-    grid = interpolation_grid(xa, xb, result, out)
-    summary = {"grid": str(grid), "a": a, "b": b, "modes": list(modes), "frames": frames,
-               "steps": steps}
-    report(summary, json_out, f"grid (rows: {', '.join(modes)}; image a, {frames} frames, "
-           f"image b): {grid}")
-
-
-def manipulate_command(
-    pdae: Path = PDAE_OPT,
-    pretrained: Path = PRETRAINED_OPT,
-    data: str = DATA_OPT,
-    label: int = typer.Option(..., help="The attribute: images of this label."),
-    scales: str = typer.Option("-2,-1,0,1,2", help="Edit scales s (z' = z + s·w, w unit in "
-                               "normalised z)."),
-    judge: Path = typer.Option(..., help="A clean judge (guidekit train judge)."),
-    n: int = typer.Option(16, help="Held-out images (label != N) to edit."),
-    steps: int = STEPS_OPT,
-    seed: int = typer.Option(0, help="Seed of the logistic regression."),
-    out_dir: Path = typer.Option(Path("runs/pdae_manipulate"), help="Where grid.png goes."),
-    image_size: int = SIZE_OPT,
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Attribute manipulation: a linear probe on z finds the direction of a label; edit
-    held-out images along it and let a judge say whether they moved toward it. Grid: one row
-    per image, the original, then one column per scale."""
-    from guidekit_classifier.training import JUDGE_KIND, load_classifier
-
-    scale_list = parse_scales(scales)
-    if n < 1:
-        raise GuidekitError(f"--n must be >= 1, got {n}")
-    model = load_pdae(pdae, pretrained, device)
-    train = load_images(model, data, "train", image_size)
-    test = load_images(model, data, "test", image_size)
-    jdg = load_classifier(judge, JUDGE_KIND, device)
-    result = edit_held_out(model, jdg, train, test, label, scale_list, n=n, steps=steps,
-                           seed=seed, progress=not json_out)
-    edits = result.pop("images")
-    grid_images = torch.cat([result.pop("originals")[:, None], edits], dim=1).flatten(0, 1)
-    grid = save_image_grid(grid_images, out_dir / "grid.png", nrow=len(scale_list) + 1,
-                           scale=GRID_SCALE)
-    result["grid"] = str(grid)
-    report(result, json_out, manipulation_table(result),
-           f"grid (rows: images; columns: original, s = {scales}): {grid}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("encode")(encode_command)
-    app.command("reconstruct")(reconstruct_command)
-    app.command("interpolate")(interpolate_command)
-    app.command("manipulate")(manipulate_command)

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import torch
 from torch import Tensor
 
-from guidekit import ops
+from guidekit import GuidanceContext, GuidekitError, Option, StepInput, ops
 from guidekit.checkpoint import atomic_save_tensors, read_checkpoint
-from guidekit.errors import GuidekitError
-from guidekit.guidance import StepInput
-from guidekit.specs import GuidanceContext
 
 from .training import KIND, LoadedPDAE, fingerprint, load_pdae
 
@@ -93,21 +89,27 @@ def load_latents(path: str | Path, pdae: LoadedPDAE) -> Tensor:
     return z.to(pdae.device)
 
 
+GUIDANCE_OPTIONS: tuple[Option, ...] = (
+    Option("pdae", Path, None, "PDAE checkpoint (guidekit train pdae)."),
+    Option("latents", Path, None, "Latent file from `guidekit pdae encode`."),
+    Option("latent_index", int, None, "Use only this latent of the file for every sample."),
+)
+
+
 def build_pdae_guidance(ctx: GuidanceContext) -> PDAEGuidance:
     """``--guidance pdae --pdae PATH --latents FILE``: one latent for every sample, or one
     per sample."""
-    opts = ctx.options
-    if not opts.get("pdae"):
+    pdae_path, latents, index = (ctx.options[k] for k in ("pdae", "latents", "latent_index"))
+    if pdae_path is None:
         raise GuidekitError("--guidance pdae needs --pdae PDAE_CHECKPOINT")
-    if not opts.get("latents"):
+    if latents is None:
         raise GuidekitError("--guidance pdae needs --latents FILE (from `guidekit pdae encode`)")
-    trained_on = read_checkpoint(opts["pdae"], KIND).config["pretrained"]
+    trained_on = read_checkpoint(pdae_path, KIND).config["pretrained"]
     if fingerprint(ctx.model) != trained_on["fingerprint"]:
-        raise GuidekitError(f"the PDAE at {opts['pdae']} was trained on another DPM "
+        raise GuidekitError(f"the PDAE at {pdae_path} was trained on another DPM "
                             f"({trained_on['path']}) than the one sampled: sample that one")
-    pdae = load_pdae(opts["pdae"], ctx.checkpoint_dir, device=ctx.device)
-    z = load_latents(opts["latents"], pdae)
-    index = opts.get("latent_index")
+    pdae = load_pdae(pdae_path, ctx.checkpoint_dir, device=ctx.device)
+    z = load_latents(latents, pdae)
     if index is not None:
         if not 0 <= index < len(z):
             raise GuidekitError(f"--latent-index {index} is out of range: the file holds "
@@ -116,17 +118,6 @@ def build_pdae_guidance(ctx: GuidanceContext) -> PDAEGuidance:
     if len(z) == 1:
         z = z.expand(ctx.num_samples, -1)
     elif len(z) != ctx.num_samples:
-        raise GuidekitError(f"{opts['latents']} holds {len(z)} latents for {ctx.num_samples} "
+        raise GuidekitError(f"{latents} holds {len(z)} latents for {ctx.num_samples} "
                             "samples: use --n equal to that, or --latent-index I")
     return PDAEGuidance(pdae, z)
-
-
-def guidance_options() -> list[click.Option]:
-    return [
-        click.Option(["--pdae"], type=click.Path(path_type=Path), default=None,
-                     help="PDAE checkpoint (guidekit train pdae)."),
-        click.Option(["--latents"], type=click.Path(path_type=Path), default=None,
-                     help="Latent file from `guidekit pdae encode`."),
-        click.Option(["--latent-index"], type=int, default=None,
-                     help="Use only this latent of the file for every sample."),
-    ]

@@ -5,37 +5,47 @@ Training encodes the data with E_φ, normalises z per dimension and fits an MLP 
 on the normalised latents with the shared loop (latents are stored as (N, D, 1, 1) "images",
 so :func:`guidekit.training.fit` and the engine work unchanged). Sampling draws z with DDIM
 on the latent DPM, un-normalises it, and decodes it with DDIM from random x_T on the frozen
-DPM, guided by G_ψ(x_t, z, t) at scale 1.
+DPM, guided by G_ψ(x_t, z, t) at scale 1. The trainer is :func:`latent_trainer`; the sample
+command lives in :mod:`guidekit_pdae.cli`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
-from rich.table import Table
 from torch import Tensor, nn
 
-from guidekit import ops
+from guidekit import (
+    DPM,
+    CheckpointError,
+    GuidanceTerm,
+    GuidekitError,
+    ImageData,
+    ModelSpec,
+    NoiseSchedule,
+    Option,
+    ScheduleConfig,
+    StepReport,
+    TrainConfig,
+    TrainerContext,
+    load_dataset,
+    ops,
+)
 from guidekit import trainer_options as opt
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
 from guidekit.config import ConfigMixin
-from guidekit.data import ImageData, load_dataset, save_image_grid
-from guidekit.ddpm import DPM, data_meta, per_sample_mse
-from guidekit.errors import CheckpointError, GuidekitError
-from guidekit.guidance import GuidanceTerm
-from guidekit.schedule import NoiseSchedule, ScheduleConfig
-from guidekit.specs import ModelSpec
-from guidekit.training import TrainConfig, fit
+from guidekit.ddpm import data_meta, per_sample_mse
+from guidekit.distributed import resolve_device
+from guidekit.engine import respacing
+from guidekit.training import fit
 from guidekit.unet import timestep_embedding, zero_module
 
-from .guidance import PDAEGuidance, save_latents
-from .options import DEVICE_OPT, JSON_OPT, PDAE_OPT
+from .guidance import PDAEGuidance
 from .training import LoadedPDAE, check_data, load_pdae
 
 KIND = "pdae-latent"
@@ -250,7 +260,8 @@ def load_latent_dpm(
     path: str | Path, pdae: LoadedPDAE | None = None, device: str | torch.device = "cpu"
 ) -> LoadedLatentDPM:
     """Load a ``pdae-latent`` checkpoint's EMA weights; with ``pdae``, a latent DPM trained on
-    another PDAE's latents is a one-line error."""
+    another PDAE's latents is a one-line error. ``device`` may be ``auto``."""
+    device = resolve_device(device)
     ckpt = read_checkpoint(path, KIND)
     if pdae is not None:
         check_pairing(ckpt, pdae)
@@ -301,7 +312,7 @@ def sample_latents(
         raise GuidekitError(f"--n must be >= 1, got {n}")
     _check_steps(steps, latent.dpm.schedule.num_steps, "--latent-steps")
     device = latent.mean.device
-    engine = latent.dpm.sampler(steps=f"ddim{steps}", clip_x0=False)
+    engine = latent.dpm.sampler(steps=respacing("ddim", steps), clip_x0=False)
     gen = torch.Generator(device).manual_seed(seed)
     u = engine.ddim(shape=(n, latent.latent_dim, 1, 1), eta=eta, generator=gen, device=device,
                     progress=progress)
@@ -316,7 +327,7 @@ def decode_latents(
     DPM with the PDAE guidance (G_ψ toward z) at ``scale``."""
     _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
     device = pdae.device
-    engine = pdae.dpm.sampler(steps=f"ddim{steps}", clip_x0=True)
+    engine = pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=True)
     term = GuidanceTerm(PDAEGuidance(pdae, z.to(device)), scale=scale, name="pdae")
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.ddim(shape=(len(z), *pdae.dpm.image_shape), guidance=[term], generator=gen,
@@ -343,78 +354,34 @@ def sample_pdae(
             "decode_seconds": round(time.perf_counter() - t1, 2)}
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- trainer
 
 
-def train_latent_command(
-    ctx: typer.Context,
-    pdae: Path = typer.Option(..., help="The PDAE checkpoint whose latents are modelled."),
-    data: str = typer.Option("digits", help="Dataset to encode (the PDAE's training data)."),
-    out: opt.Out = Path("runs/pdae_latent"),
-    image_size: opt.ImageSize = None,
-    hidden: int = typer.Option(512, help="Width of the MLP."),
-    depth: int = typer.Option(4, help="Residual MLP blocks."),
-    schedule: str = typer.Option("linear", help="Noise schedule: linear or cosine."),
-    timesteps: int = typer.Option(1000, help="Training timesteps T of the latent DPM."),
-    steps: opt.Steps = 3000,
-    batch_size: opt.BatchSize = 256,
-    lr: opt.LR = 1e-3,
-    weight_decay: opt.WeightDecay = 0.0,
-    ema_decay: opt.EMADecay = 0.995,
-    grad_clip: opt.GradClip = 1.0,
-    seed: opt.Seed = 0,
-    bf16: opt.BF16 = False,
-    compile: opt.Compile = False,
-    device: opt.Device = None,
-    resume: opt.Resume = False,
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 50,
-    json_out: opt.JSONOut = False,
-) -> None:
+LATENT_OPTIONS: tuple[Option, ...] = (
+    Option("pdae", Path, help="The PDAE checkpoint whose latents are modelled.", required=True),
+    replace(opt.DATA, help="Dataset to encode (the PDAE's training data)."),
+    opt.out_option("runs/pdae_latent"),
+    opt.IMAGE_SIZE,
+    Option("hidden", int, 512, "Width of the MLP."),
+    Option("depth", int, 4, "Residual MLP blocks."),
+    Option("schedule", str, "linear", "Noise schedule.", choices=("linear", "cosine")),
+    Option("timesteps", int, 1000, "Training timesteps T of the latent DPM."),
+    *opt.train_options(steps=3000, batch_size=256, lr=1e-3, ema_decay=0.995),
+)
+
+
+def latent_trainer(ctx: TrainerContext) -> StepReport:
     """Train a latent DPM over a PDAE's z (encoded from --data), so `guidekit pdae sample`
     can generate new images."""
-    config = opt.train_config(ctx)
-    images = load_dataset(data, "train", image_size, seed)
-    encode_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    o = ctx.options
+    config = opt.train_config(o)
+    images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
     summary = train_pdae_latent(
-        pdae, images, out, hidden=hidden, depth=depth,
-        schedule=ScheduleConfig(kind=schedule, num_timesteps=timesteps), config=config,
-        resume=resume, progress=not json_out, device=encode_device,
+        o["pdae"], images, o["out"], hidden=o["hidden"], depth=o["depth"],
+        schedule=ScheduleConfig(kind=o["schedule"], num_timesteps=o["timesteps"]),
+        config=config, resume=o["resume"], progress=ctx.progress, device=o["device"],
     )
-    opt.report(summary, json_out, f"trained {KIND} on {summary['latents']} latents of dim "
-               f"{summary['latent_dim']} in {summary['seconds']} s -> {out}")
+    return StepReport(f"trained {KIND} on {summary['latents']} latents of dim "
+                      f"{summary['latent_dim']} in {summary['seconds']} s -> {o['out']}",
+                      metrics=summary)
 
-
-def sample_command(
-    pdae: Path = PDAE_OPT,
-    latent_dpm: Path = typer.Option(..., help="Its latent DPM (guidekit train pdae-latent)."),
-    n: int = typer.Option(64, help="Number of images."),
-    steps: int = typer.Option(100, help="DDIM steps of the image decoding."),
-    latent_steps: int = typer.Option(100, help="DDIM steps of the latent DPM."),
-    seed: int = typer.Option(0, help="Seed of the latent noise (x_T uses seed + 1)."),
-    out: Path = typer.Option(None, help="Grid PNG (default: LATENT_DPM/samples.png); the "
-                             "latents go beside it as .safetensors."),
-    device: str = DEVICE_OPT,
-    json_out: bool = JSON_OPT,
-) -> None:
-    """Generate new images: z from the latent DPM, decoded by DDIM with PDAE guidance."""
-    loaded = load_pdae(pdae, device=device)
-    latent = load_latent_dpm(latent_dpm, loaded, device)
-    res = sample_pdae(loaded, latent, n, steps=steps, latent_steps=latent_steps, seed=seed,
-                      progress=not json_out)
-    grid = out or latent_dpm / "samples.png"
-    summary = {
-        "grid": str(save_image_grid(res["images"], grid, scale=4)),
-        "latents": str(save_latents(res["z"], Path(grid).with_suffix(".safetensors"), loaded)),
-        "n": n, "steps": steps, "latent_steps": latent_steps, "seed": seed,
-        "latent_seconds": res["latent_seconds"], "decode_seconds": res["decode_seconds"],
-    }
-    table = Table("stage", "DDIM steps", "seconds", title=f"{n} PDAE samples")
-    table.add_row("latent DPM → z", str(latent_steps), f"{res['latent_seconds']:.2f}")
-    table.add_row("z → image (PDAE-guided)", str(steps), f"{res['decode_seconds']:.2f}")
-    opt.report(summary, json_out, table, f"grid: {summary['grid']}",
-               f"latents: {summary['latents']}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("sample")(sample_command)

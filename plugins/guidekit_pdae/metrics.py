@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidekit.errors import GuidekitError
+from guidekit import GuidekitError
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guidekit import GuidekitError, UNetConfig
 from guidekit.config import ConfigMixin
-from guidekit.errors import GuidekitError
 from guidekit.unet import (
     AttentionBlock,
     DownFeatures,
     EmbedSequential,
     ResBlock,
     UNet,
-    UNetConfig,
     conv3x3,
     down_path_channels,
     normalization,

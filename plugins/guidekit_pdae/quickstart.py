@@ -10,9 +10,14 @@ from typing import Any
 
 import torch
 
-from guidekit.data import load_dataset, save_image_grid
-from guidekit.specs import QuickstartContext, QuickstartStep, StepReport
-from guidekit.training import TrainConfig
+from guidekit import (
+    QuickstartContext,
+    QuickstartStep,
+    StepReport,
+    TrainConfig,
+    load_dataset,
+    save_image_grid,
+)
 
 from .analysis import (
     default_gap_timesteps,

@@ -15,13 +15,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guidekit import ops
+from guidekit import (
+    DPM,
+    CheckpointError,
+    GuidekitError,
+    ImageData,
+    NoiseSchedule,
+    Option,
+    StepReport,
+    TrainConfig,
+    TrainerContext,
+    load_dataset,
+    load_dpm,
+    ops,
+)
+from guidekit import trainer_options as opt
 from guidekit.checkpoint import load_weights, read_checkpoint
-from guidekit.data import ImageData
-from guidekit.ddpm import DPM, data_meta, load_dpm, per_sample_mse, weighting_table
-from guidekit.errors import CheckpointError, GuidekitError
-from guidekit.schedule import NoiseSchedule
-from guidekit.training import TrainConfig, fit
+from guidekit.ddpm import data_meta, per_sample_mse
+from guidekit.distributed import resolve_device
+from guidekit.lookup import weighting_table
+from guidekit.training import fit
 from guidekit.unet import UNet
 
 from .networks import (
@@ -153,6 +166,33 @@ def train_pdae(
     }
 
 
+PDAE_OPTIONS: tuple[Option, ...] = (
+    Option("pretrained", Path, help="The frozen DDPM checkpoint to build on.", required=True),
+    opt.DATA,
+    opt.out_option("runs/pdae"),
+    opt.IMAGE_SIZE,
+    Option("latent_dim", int, 64, "Size of z."),
+    Option("encoder_channels", int, 32, "Base width of the encoder E_φ."),
+    opt.WEIGHTING.with_default("pdae"),
+    *opt.train_options(steps=2000, batch_size=32, lr=1e-3, ema_decay=0.995),
+)
+
+
+def pdae_trainer(ctx: TrainerContext) -> StepReport:
+    """Train PDAE's encoder and gradient estimator on a frozen DPM (its weights never change).
+    Weighting options (e.g. --pdae-gamma) follow --weighting."""
+    o = ctx.options
+    images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
+    summary = train_pdae(
+        images, o["out"], pretrained=o["pretrained"], latent_dim=o["latent_dim"],
+        encoder_channels=o["encoder_channels"], weighting=o["weighting"],
+        weighting_options=ctx.weighting_options, config=opt.train_config(o),
+        resume=o["resume"], progress=ctx.progress,
+    )
+    return StepReport(f"trained {KIND} in {summary['seconds']} s -> {o['out']}",
+                      metrics=summary)
+
+
 def _encoder_levels(image_size: int) -> tuple[int, ...]:
     """Halve down to 4 px or less (16 px → 3 levels, 32 px → 3 levels capped at ×4)."""
     levels = 1
@@ -200,7 +240,9 @@ def load_pdae(
     path: str | Path, pretrained: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> LoadedPDAE:
     """Load a PDAE checkpoint and the DPM it was trained on (``pretrained`` overrides the
-    recorded path); a DPM whose weights differ from the ones trained against is an error."""
+    recorded path); a DPM whose weights differ from the ones trained against is an error.
+    ``device`` may be ``auto`` (a GPU when there is one)."""
+    device = resolve_device(device)
     ckpt = read_checkpoint(path, KIND)
     rec = ckpt.config["pretrained"]
     source = Path(pretrained) if pretrained is not None else Path(rec["path"])

@@ -1,8 +1,8 @@
 """A working third-party guidance: g pulls x̂_0 toward a constant value (with an option)."""
 
-import click
 import torch
 
+from guidekit import Option
 from guidekit.hookspecs import hookimpl
 from guidekit.specs import GuidanceSpec
 
@@ -25,7 +25,7 @@ def guidekit_guidances():
     return [
         GuidanceSpec(
             "toward", build, help="pull x̂_0 toward a value",
-            options=[click.Option(["--toward-value"], type=float, default=1.0)],
+            options=[Option("toward_value", float, 1.0)],
         )
     ]
 

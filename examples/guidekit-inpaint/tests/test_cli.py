@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from guidekit.data import load_dataset
+from guidekit.lookup import load_dataset
 from guidekit.testing import assert_one_line_error
 from PIL import Image
 

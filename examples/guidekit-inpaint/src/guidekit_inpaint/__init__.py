@@ -7,16 +7,17 @@ MASK``) and the ``guidekit inpaint`` commands (``prepare``, ``evaluate``) throug
 
 from __future__ import annotations
 
-import typer
+from typing import Any
+
 from guidekit import GuidanceSpec, hookimpl
 
 from .guidance import (
     DEFAULT_NORM,
     DEFAULT_SIGMAS,
+    GUIDANCE_OPTIONS,
     NAME,
     InpaintGuidance,
     build_inpaint_guidance,
-    guidance_options,
 )
 from .inputs import MASKS, load_image, load_mask, named_mask
 
@@ -25,15 +26,16 @@ __version__ = "0.1.0"
 
 @hookimpl
 def guidekit_guidances() -> list[GuidanceSpec]:
-    return [GuidanceSpec(NAME, build_inpaint_guidance, options=guidance_options(),
+    return [GuidanceSpec(NAME, build_inpaint_guidance, options=GUIDANCE_OPTIONS,
                          help="−∇ ‖m ⊙ (x̂_0 − y)‖² / (2σ²) (DPS-normalised by default): keep "
                          "--image where --mask is white.")]
 
 
 @hookimpl
-def guidekit_commands(cli: typer.Typer) -> None:
-    # imported here so the evaluation's imports (the classifier plugin) load only for the CLI
-    from .commands import inpaint_app
+def guidekit_commands(cli: Any) -> None:
+    # cli is guidekit's typer.Typer. Imported here: typer stays in .cli, and the evaluation's
+    # imports (the classifier plugin) load only for the CLI.
+    from .cli import inpaint_app
 
     cli.add_typer(inpaint_app, name="inpaint")
 
@@ -41,6 +43,7 @@ def guidekit_commands(cli: typer.Typer) -> None:
 __all__ = [
     "DEFAULT_NORM",
     "DEFAULT_SIGMAS",
+    "GUIDANCE_OPTIONS",
     "MASKS",
     "InpaintGuidance",
     "__version__",

@@ -14,14 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from guidekit import DPM, GuidanceTerm, GuidekitError, load_dataset, save_image_grid
+from guidekit import (
+    DPM,
+    DivergedError,
+    GuidanceTerm,
+    GuidekitError,
+    StepReport,
+    load_dataset,
+    save_image_grid,
+)
+from guidekit.engine import respacing
 from guidekit_classifier import LoadedClassifier, predict
 from torch import Tensor
 
 from .guidance import DEFAULT_NORM, DEFAULT_SIGMAS, NAME, NORMS, InpaintGuidance
 from .inputs import load_mask, masked_view
 
-SAMPLERS = ("ddim", "ddpm")
 METRICS = ("known_mse", "fill_mse", "label_agreement", "reference_agreement")
 
 
@@ -49,19 +57,15 @@ def inpaint(
 ) -> Tensor:
     """Fill ``image`` (N, C, H, W) in [−1, 1] outside ``mask`` (1 = known); scale 0 is the
     unguided sampler. Steps respace as ``guidekit sample`` does (``ddimK`` for DDIM, even for
-    DDPM); ``None`` keeps all T steps. Every call with one seed starts from the same x_T."""
-    if sampler not in SAMPLERS:
-        raise GuidekitError(f"unknown sampler '{sampler}': choose ddim or ddpm")
+    DDPM); ``None`` keeps all T steps. Every call with one seed starts from the same x_T.
+    A run whose guidance goes non-finite (diverges) is a one-line GuidekitError."""
     device = next(iter(dpm.model.parameters())).device
-    if isinstance(steps, int):
-        steps = f"ddim{steps}" if sampler == "ddim" else steps
-    engine = dpm.sampler(steps=steps, clip_x0=True)
+    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True)
     terms = [] if scale == 0 else [GuidanceTerm(
         InpaintGuidance(image.to(device), mask.to(device), sigma, norm), scale, name=NAME)]
     gen = torch.Generator(device).manual_seed(seed)
-    run = engine.ddim if sampler == "ddim" else engine.ddpm
-    x = run(shape=tuple(image.shape), guidance=terms, generator=gen, device=device,
-            progress=progress)
+    x = engine.sample(sampler, shape=tuple(image.shape), guidance=terms, generator=gen,
+                      device=device, progress=progress)
     return x.clamp(-1, 1).cpu()
 
 
@@ -129,9 +133,16 @@ def evaluate_inpainting(
     rows, samples = [], []
     for sigma in [None, *sigmas]:  # None: the unguided baseline, from the same x_T
         t0 = time.perf_counter()
-        x = inpaint(dpm, refs, m, sigma=sigma, norm=norm,
-                    scale=0.0 if sigma is None else scale, sampler=sampler, steps=steps,
-                    seed=seed, progress=progress)
+        try:
+            x = inpaint(dpm, refs, m, sigma=sigma, norm=norm,
+                        scale=0.0 if sigma is None else scale, sampler=sampler, steps=steps,
+                        seed=seed, progress=progress)
+        except DivergedError:
+            if sigma is None:
+                raise
+            # Every input was checked by the unguided row; what the engine refuses now is a
+            # guidance that went non-finite: this setting diverged (a row with no figures).
+            x = torch.full_like(refs, float("nan"))
         rows.append({"guidance": "none" if sigma is None else NAME, "sigma": sigma,
                      **_scores(x, refs, m, judge, labels, ref_reading),
                      "seconds": round(time.perf_counter() - t0, 2)})
@@ -162,10 +173,38 @@ def comparison_grid(result: dict[str, Any], path: str | Path, show: int = 12) ->
                            scale=max(1, 64 // refs.shape[-1]))
 
 
+# short column names, so the table fits a terminal: known/filled region MSE, judge agreement
+HEADERS = ("known MSE", "fill MSE", "judge=label", "judge=ref")
+
+
+def evaluation_report(result: dict[str, Any], out_dir: str | Path) -> StepReport:
+    """Write the comparison grid into ``out_dir`` and report ``result``: its JSON figures
+    (with the grid's path) as ``metrics``, its rows as a table ('-' where a figure needs a
+    judge)."""
+    grid = comparison_grid(result, Path(out_dir) / f"inpaint_{result['sampler']}.png")
+    summary = {**jsonable(result), "grid": str(grid)}
+    title = (f"{result['sampler'].upper()}-{result['steps']}, {result['n']} test images, mask "
+             f"{result['mask']}, norm {result['norm']}, scale {result['scale']:g}")
+    rows = []
+    for r in result["rows"]:
+        cells = ["diverged" if r["diverged"] else "-" if r[k] is None else f"{r[k]:.4f}"
+                 for k in METRICS]
+        rows.append({"guidance": r["guidance"],
+                     "σ": "-" if r["sigma"] is None else f"{r['sigma']:g}",
+                     **dict(zip(HEADERS, cells, strict=True)),
+                     "seconds": f"{r['seconds']:.1f}"})
+    acc = summary["judge_reference_accuracy"]
+    text = "" if acc is None else f"judge accuracy on the references: {acc:.4f}"
+    return StepReport(f"grid (rows: reference, masked, unguided, guided per σ): {grid}",
+                      images=[grid], tables={title: rows}, metrics=summary, text=text)
+
+
 __all__ = [
+    "HEADERS",
     "METRICS",
     "comparison_grid",
     "evaluate_inpainting",
+    "evaluation_report",
     "inpaint",
     "jsonable",
     "region_mse",

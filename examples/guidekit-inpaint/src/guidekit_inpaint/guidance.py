@@ -17,9 +17,8 @@ and every σ up to 4 overflowed on the digits DPM; DDIM only survives it because
 
 from __future__ import annotations
 
-import click
 import torch
-from guidekit import GuidanceContext, GuidekitError, StepInput, ops
+from guidekit import GuidanceContext, GuidekitError, Option, StepInput, ops
 from torch import Tensor
 
 from .inputs import MASKS, image_size_of, load_image, load_mask
@@ -80,46 +79,37 @@ class InpaintGuidance:
         return -grad
 
 
+# The ``guidekit sample`` options of ``--guidance inpaint`` (guidekit fills the defaults).
+GUIDANCE_OPTIONS: tuple[Option, ...] = (
+    Option("image", str, None, "The reference PNG; resized to the DPM's size and channels."),
+    Option("mask", str, None, f"A PNG of the image's size, white = known, or "
+           f"{', '.join(MASKS)} (the part kept)."),
+    Option("inpaint_sigma", float, None, "σ: smaller pulls harder (default "
+           + ", ".join(f"{v:g} with {k}" for k, v in DEFAULT_SIGMAS.items()) + ")."),
+    Option("inpaint_norm", str, DEFAULT_NORM, "residual: DPS's ‖r‖²/(2σ‖r‖); sigma: the "
+           "likelihood ‖r‖²/(2σ²), for DDIM only.", choices=NORMS),
+)
+
+
 def build_inpaint_guidance(ctx: GuidanceContext) -> InpaintGuidance:
     """``spec.build``: load --image and --mask at the DPM's size and channels."""
-    image_path, mask_spec = ctx.options.get("image"), ctx.options.get("mask")
+    image_path, mask_spec = ctx.options["image"], ctx.options["mask"]
     if not image_path or not mask_spec:
         raise GuidekitError(MISSING_IMAGE)
     data = ctx.dpm_config["data"]
     size, channels = int(data["image_size"]), int(data["channels"])
     image = load_image(image_path, channels, size)
     mask = load_mask(mask_spec, size, image_size_of(image_path))
-    return InpaintGuidance(
-        image.to(ctx.device), mask.to(ctx.device),
-        sigma=ctx.options.get("inpaint_sigma"),
-        norm=ctx.options.get("inpaint_norm") or DEFAULT_NORM,
-    )
-
-
-def guidance_options() -> list[click.Option]:
-    """The ``guidekit sample`` options of ``--guidance inpaint``."""
-    return [
-        click.Option(["--image"], type=str, default=None,
-                     help="The reference PNG; resized to the DPM's size and channels."),
-        click.Option(["--mask"], type=str, default=None,
-                     help=f"A PNG of the image's size, white = known, or {', '.join(MASKS)} "
-                     "(the part kept)."),
-        click.Option(["--inpaint-sigma"], type=float, default=None,
-                     help="σ: smaller pulls harder (default "
-                     + ", ".join(f"{v:g} with {k}" for k, v in DEFAULT_SIGMAS.items()) + ")."),
-        click.Option(["--inpaint-norm"], type=click.Choice(NORMS), default=DEFAULT_NORM,
-                     show_default=True,
-                     help="residual: DPS's ‖r‖²/(2σ‖r‖); sigma: the likelihood ‖r‖²/(2σ²), "
-                     "for DDIM only."),
-    ]
+    return InpaintGuidance(image.to(ctx.device), mask.to(ctx.device),
+                           sigma=ctx.options["inpaint_sigma"], norm=ctx.options["inpaint_norm"])
 
 
 __all__ = [
     "DEFAULT_NORM",
     "DEFAULT_SIGMAS",
+    "GUIDANCE_OPTIONS",
     "NAME",
     "NORMS",
     "InpaintGuidance",
     "build_inpaint_guidance",
-    "guidance_options",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from guidekit import GuidekitError
+from guidekit import GuidekitError, StepReport, load_dataset, save_image_grid
 from PIL import Image
 from torch import Tensor
 
@@ -123,6 +123,25 @@ def masked_view(image: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
     return image * mask + fill * (1 - mask)
 
 
+def prepare_inputs(index: int = 0, mask: str = "left", out: str | Path = "inpaint",
+                   data: str = "digits") -> StepReport:
+    """Write test image ``index`` of ``data`` and the named ``mask`` (white = known) as
+    ``out/image.png`` and ``out/mask.png``; ``metrics`` holds the paths, index and label."""
+    test = load_dataset(data, "test")
+    if not 0 <= index < len(test):
+        raise GuidekitError(f"--index must be in 0..{len(test) - 1} (the {data} test split), "
+                            f"got {index}")
+    m = load_mask(mask, test.image_size)
+    out = Path(out)
+    image = save_image_grid(test.images[index : index + 1], out / "image.png", padding=0)
+    mask_png = save_image_grid(m * 2 - 1, out / "mask.png", padding=0)
+    label = None if test.labels is None else int(test.labels[index])
+    result = {"image": str(image), "mask": str(mask_png), "index": index, "label": label}
+    known = MASKS.get(mask, mask)
+    return StepReport(f"wrote {image} (label {label}) and {mask_png} (known: {known})",
+                      images=[image, mask_png], metrics=result)
+
+
 __all__ = [
     "MASKS",
     "image_size_of",
@@ -130,4 +149,5 @@ __all__ = [
     "load_mask",
     "masked_view",
     "named_mask",
+    "prepare_inputs",
 ]

@@ -1,25 +1,34 @@
-"""The ``guidekit`` command line. Commands come from the core and from plugins (trainers under
-``guidekit train``, anything else through the ``guidekit_commands`` hook)."""
+"""The ``guidekit`` app: the core commands, the trainers, the plugins' commands, and
+:func:`main`, which turns every user mistake into one line and exit status 2."""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from guidekit import __version__
+from guidekit.cli.params import EXTRA_ARGS, Device, JSONOut, requests_from_cli
+from guidekit.cli.params import trainer_command as make_trainer_command
 from guidekit.errors import GuidekitError
 from guidekit.options import describe_options
-from guidekit.plugins import get_manager, get_registry
+from guidekit.plugins import CORE_NAME, get_manager, get_registry
 
-EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 err = Console(stderr=True)
+CORE_COMMANDS = ("train", "sample", "plugins", "quickstart")
+# click's exception base, as whichever click typer runs on (typer >= 0.26 ships its own copy)
+_ClickException: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _say(line: str) -> None:
+    err.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def sample_command(
@@ -42,27 +51,23 @@ def sample_command(
     out_dir: Path = typer.Option(None, help="Also write one PNG per image here."),
     nrow: int = typer.Option(None, help="Images per grid row."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the step math."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    device: Device = "auto",
+    json_out: JSONOut = False,
 ) -> None:
     """Sample a grid from a trained DPM, optionally guided. Plugin options (e.g.
     --classifier) follow the --guidance that declares them; `guidekit plugins` lists them."""
     from guidekit.data import save_image_grid, save_images
     from guidekit.ddpm import load_dpm
-    from guidekit.sampling import requests_from_cli, sample
+    from guidekit.lookup import guidance_spec
+    from guidekit.sampling import sample
 
-    requests = requests_from_cli(guidance, scale, guidance_schedule, ctx.args)
+    requests = requests_from_cli(guidance, scale, guidance_schedule, ctx.args,
+                                 lambda name: guidance_spec(name).options)
     dpm = load_dpm(checkpoint, device)
     x = sample(
         dpm, n, sampler=sampler, steps=respacing or steps, eta=eta, guidance=requests,
         seed=seed, clip_x0=clip, variance=variance, compile=compile, progress=not json_out,
     )
-    import torch
-
-    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
-    if bad:
-        raise GuidekitError(f"{bad} of {n} samples diverged (non-finite values), so nothing was "
-                            "written: lower --scale, or sample with --sampler ddim")
     grid = save_image_grid(x.cpu(), out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
     files = save_images(x.cpu(), out_dir) if out_dir else []
     result = {"grid": str(grid), "n": n, "files": [str(f) for f in files],
@@ -70,10 +75,9 @@ def sample_command(
     typer.echo(json.dumps(result) if json_out else f"wrote {grid}")
 
 
-def plugins_command(
-    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
-) -> None:
-    """List loaded plugins, their versions and the names each registers."""
+def plugins_command(json_out: JSONOut = False) -> None:
+    """List loaded plugins, their versions, the names each registers, and the plugins that
+    failed (with why)."""
     reg = get_registry()
     rows = [
         {"name": p.name, "version": p.version, "module": p.module, "registers": p.registers}
@@ -89,14 +93,14 @@ def plugins_command(
         table.add_row(r["name"], r["version"], r["module"], regs or "-")
     Console().print(table)
     for name, error in reg.failures:
-        Console().print(f"[red]failed[/red] {name}: {error}")
+        Console().print(f"failed {name}: {error}", highlight=False, markup=False)
 
 
 def quickstart_command(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and grids go."),
     fast: bool = typer.Option(False, help="Tiny settings (a smoke test, not a result)."),
     seed: int = typer.Option(0, help="Seed of every step."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    json_out: JSONOut = False,
 ) -> None:
     """Train everything on the built-in digits and write grids, tables and report.html."""
     from guidekit.quickstart import run_quickstart
@@ -115,6 +119,51 @@ def plugin_options_help(kind: str, specs: dict) -> str | None:
     return "\n\n".join(blocks) or None
 
 
+def _command_names(app: typer.Typer) -> list[str | None]:
+    """The top-level names a typer app registers (None: a group without a name)."""
+    names: list[str | None] = []
+    for info in app.registered_commands:
+        callback = info.callback
+        names.append(info.name or (typer.main.get_command_name(callback.__name__)
+                                   if callback else None))
+    for group in app.registered_groups:
+        names.append(group.name or group.typer_instance.info.name or None)
+    return names
+
+
+def _add_plugin_commands(app: typer.Typer) -> None:
+    """Each plugin adds its commands to an app of its own, merged in only when all its names
+    are free, so one broken or colliding plugin costs only its own commands."""
+    owners: dict[str, str] = {name: CORE_NAME for name in CORE_COMMANDS}
+    failed = {name for name, _ in get_registry().failures}  # left out whole, commands too
+    for impl in get_manager().hook.guidekit_commands.get_hookimpls():
+        plugin = impl.plugin_name
+        if plugin in failed:
+            continue
+        own = typer.Typer()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                impl.function(cli=own)
+            names = _command_names(own)
+            if None in names:
+                raise GuidekitError("it added a command group without a name: give "
+                                    "cli.add_typer(..., name=NAME)")
+            taken = [n for n in names if n in owners]
+            if taken:
+                owner = owners[taken[0]]
+                whose = "guidekit's own" if owner == CORE_NAME else f"plugin '{owner}''s"
+                raise GuidekitError(f"command '{taken[0]}' is already {whose}: rename it in "
+                                    "the plugin")
+        except (Exception, SystemExit) as exc:
+            reason = str(exc) if isinstance(exc, GuidekitError) else (
+                f"{type(exc).__name__}: {exc}".splitlines()[0])
+            _say(f"guidekit: plugin '{plugin}' could not add its commands: {reason}")
+            continue
+        owners.update(dict.fromkeys(names, plugin))  # type: ignore[arg-type]
+        app.registered_commands.extend(own.registered_commands)
+        app.registered_groups.extend(own.registered_groups)
+
+
 def build_app() -> typer.Typer:
     """The CLI with every registered trainer and plugin command."""
     app = typer.Typer(
@@ -125,45 +174,42 @@ def build_app() -> typer.Typer:
     train = typer.Typer(help="Train a model: `guidekit train NAME --help`.", no_args_is_help=True)
     weighting_help = plugin_options_help("weighting", reg.specs["weighting"])
     for name, spec in sorted(reg.specs["trainer"].items()):
-        takes_weighting = "weighting" in inspect.signature(spec.command).parameters
+        takes_weighting = any(o.name == "weighting" for o in spec.options)
+        command = make_trainer_command(spec, lambda w: reg.weighting(w).options)
         train.command(name, help=spec.help, context_settings=EXTRA_ARGS,
-                      epilog=weighting_help if takes_weighting else None)(spec.command)
+                      epilog=weighting_help if takes_weighting else None)(command)
     app.add_typer(train, name="train")
     app.command("sample", context_settings=EXTRA_ARGS,
                 epilog=plugin_options_help("guidance", reg.specs["guidance"]))(sample_command)
     app.command("plugins")(plugins_command)
     app.command("quickstart")(quickstart_command)
-    # Each plugin's commands on their own, so one broken plugin costs only its commands.
-    for impl in get_manager().hook.guidekit_commands.get_hookimpls():
-        try:
-            impl.function(cli=app)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            err.print(f"guidekit: plugin '{impl.plugin_name}' could not add its commands: "
-                      f"{reason}", highlight=False, markup=False, soft_wrap=True)
+    _add_plugin_commands(app)
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit status 2."""
+    code: Any = 0
     try:
         reg = get_registry()
         for name, error in reg.failures:
-            err.print(f"guidekit: plugin '{name}' failed to load and was skipped: {error}",
-                      highlight=False, markup=False, soft_wrap=True)
+            _say(f"guidekit: plugin '{name}' failed to load and was skipped: {error}")
         command = typer.main.get_command(build_app())
-        command.main(args=argv, prog_name="guidekit", standalone_mode=False)
+        code = command.main(args=argv, prog_name="guidekit", standalone_mode=False)
     except GuidekitError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        _say(f"error: {exc}")
         sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        sys.exit(130)
+    except typer.Exit as exc:
+        code = exc.exit_code
+    except _ClickException as exc:
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except FileNotFoundError as exc:
-        err.print(f"error: {exc.strerror}: {exc.filename}", highlight=False, markup=False)
+        _say(f"error: {exc.strerror}: {exc.filename}")
         sys.exit(2)
+    if code == 130:
+        _say("aborted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -1,0 +1,172 @@
+"""What CLI commands share, the core's and plugins': the ``--device`` and ``--json``
+parameters, guidekit :class:`~guidekit.options.Option` declarations turned into typer
+parameters, trainer commands, guidance requests from the command line, scale lists, and
+printing a result once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import keyword
+import math
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from guidekit.distributed import DEFAULT_DEVICE, is_main_process
+from guidekit.errors import GuidekitError
+from guidekit.options import Option, parse_option_args, resolve_options
+from guidekit.specs import StepReport, TrainerContext, TrainerSpec
+
+__all__ = [
+    "DEFAULT_DEVICE",
+    "EXTRA_ARGS",
+    "Device",
+    "JSONOut",
+    "parse_scales",
+    "report",
+    "requests_from_cli",
+    "trainer_command",
+    "typer_parameters",
+]
+
+# Commands whose plugin options (after --guidance NAME, --weighting NAME) arrive in ctx.args.
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+Device = Annotated[str, typer.Option(
+    help="cpu, cuda, cuda:N, or auto (a GPU when there is one, else cpu).")]
+JSONOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+def _param_name(name: str) -> str:
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
+def typer_parameters(options: Sequence[Option]) -> list[inspect.Parameter]:
+    """typer parameters (keyword-only, ``Annotated``) of guidekit option declarations."""
+    params = []
+    for opt in options:
+        kind: Any = opt.type
+        if opt.multiple:
+            kind = list[opt.type]  # type: ignore[name-defined]
+        elif opt.default is None and not opt.is_flag:
+            kind = Optional[opt.type]  # noqa: UP045 (typer reads typing.Optional everywhere)
+        flags = [f"{opt.flag}/--no-{opt.flag[2:]}"] if opt.is_flag else [opt.flag]
+        help_text = opt.help
+        if opt.choices:
+            help_text = f"{help_text.rstrip('.')} (one of: {', '.join(opt.choices)})."
+        default: Any = ... if opt.required else (
+            list(opt.default) if opt.multiple else opt.default)
+        params.append(inspect.Parameter(
+            _param_name(opt.name), inspect.Parameter.KEYWORD_ONLY, default=default,
+            annotation=Annotated[kind, typer.Option(*flags, help=help_text)],
+        ))
+    return params
+
+
+def report(result: StepReport | dict[str, Any], json_out: bool) -> None:
+    """Print a command's result once (on the main process): its figures as JSON with
+    ``--json``; else its tables, its text and its title, for a person."""
+    if not is_main_process():
+        return
+    report_ = result if isinstance(result, StepReport) else StepReport("", metrics=result)
+    if json_out:
+        typer.echo(json.dumps(report_.metrics))
+        return
+    console = Console()
+    for title, rows in report_.tables.items():
+        table = Table(*(rows[0] if rows else ()), title=title)
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+    for line in [*report_.text.splitlines(), report_.title]:
+        if line:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def trainer_command(spec: TrainerSpec, weighting: Callable[[str], Sequence[Option]]) -> Callable:
+    """The typer command of a trainer: its options as parameters, plus ``--json``, plus the
+    options of the chosen ``--weighting`` (``weighting(name)`` gives them) when it declares a
+    ``weighting`` option."""
+    takes_weighting = any(o.name == "weighting" for o in spec.options)
+
+    def command(ctx: typer.Context, **values: Any) -> None:
+        json_out = values.pop("json_out")
+        values = {o.name: values[_param_name(o.name)] for o in spec.options}
+        weighting_values: dict[str, Any] = {}
+        if takes_weighting:
+            name = values["weighting"]
+            what = f"weighting '{name}'"
+            own = weighting(name)
+            (given,) = parse_option_args([(what, own)], ctx.args)
+            weighting_values = resolve_options(own, given, what)
+        elif ctx.args:
+            raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
+        options = resolve_options(spec.options, values, f"trainer '{spec.name}'")
+        result = spec.train(TrainerContext(options, weighting_values, progress=not json_out))
+        report(result, json_out)
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  annotation=typer.Context)
+    json_param = inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                   annotation=JSONOut)
+    params = [ctx_param, *typer_parameters(spec.options), json_param]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = inspect.getdoc(spec.train) or spec.help
+    command.__name__ = spec.name.replace("-", "_")
+    return command
+
+
+def requests_from_cli(
+    names: Sequence[str], scales: Sequence[float], schedules: Sequence[str],
+    args: Sequence[str], options: Callable[[str], Sequence[Option]],
+) -> list:
+    """Pair repeated --guidance/--scale/--guidance-schedule flags and parse each guidance's
+    plugin options from ``args`` (``options(name)`` gives a guidance's declarations).
+
+    One --scale (or schedule) applies to every guidance; otherwise give one per guidance.
+    """
+    from guidekit.sampling import GuidanceRequest
+
+    names = list(names)
+    if not names:
+        if scales or schedules:
+            raise GuidekitError("--scale/--guidance-schedule need a --guidance NAME")
+        if args:
+            raise GuidekitError(f"unexpected argument(s): {' '.join(args)}")
+        return []
+    scale_list = _per_guidance(list(scales) or [1.0], len(names), "--scale")
+    schedule_list = _per_guidance(list(schedules) or ["constant"], len(names),
+                                  "--guidance-schedule")
+    owners = [(f"guidance '{n}'", options(n)) for n in names]
+    given = parse_option_args(owners, args)
+    return [
+        GuidanceRequest(n, sc, sh, values)
+        for n, sc, sh, values in zip(names, scale_list, schedule_list, given, strict=True)
+    ]
+
+
+def _per_guidance(values: list, n: int, flag: str) -> list:
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise GuidekitError(f"give one {flag} for all guidances or one per guidance ({n})")
+    return values
+
+
+def parse_scales(text: str, flag: str = "--scales") -> list[float]:
+    """The one reading of a scale list: ``"0,1,2.5"`` → ``[0.0, 1.0, 2.5]`` (finite numbers,
+    at least one); anything else is a one-line error naming ``flag``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise GuidekitError(f"{flag} must be comma-separated finite numbers like 0,1,2,4, "
+                            f"got '{text}'")
+    return values
