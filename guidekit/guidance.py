@@ -23,6 +23,7 @@ __all__ = [
     "StepInput",
     "check_finite",
     "compose",
+    "count_diverged",
     "timestep_weight",
 ]
 
@@ -101,12 +102,17 @@ def _check_output(name: str, g: Any, x_t: Tensor) -> None:
         )
 
 
+def count_diverged(x: Tensor) -> int:
+    """How many samples of a batch hold a non-finite value (one host sync)."""
+    return int((~torch.isfinite(x.flatten(1))).any(1).sum())
+
+
 def check_finite(finite: dict[str, Tensor], x: Tensor) -> None:
     """A one-line error naming the first guidance whose g was ever non-finite (``x``: the
     samples it produced, to say how many diverged)."""
     for name, ok in finite.items():
         if not bool(ok):
-            bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+            bad = count_diverged(x)
             diverged = f" and {bad} of {x.shape[0]} samples diverged" if bad else ""
             raise DivergedError(f"guidance '{name}' returned non-finite values (NaN or inf)"
                                 f"{diverged}: check its options, or lower --scale")

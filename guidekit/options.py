@@ -8,7 +8,6 @@ Nothing here depends on a CLI library: the CLI modules build their parameters fr
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -149,10 +148,7 @@ def _parse_text(opt: Option, text: str) -> Any:
         if opt.type is int:
             return int(text)
         if opt.type is float:
-            value = float(text)
-            if math.isinf(value) and text.strip().lower() not in ("inf", "+inf", "-inf"):
-                raise ValueError(text)
-            return value
+            return float(text)
     except ValueError:
         raise GuidekitError(f"invalid value for {opt.flag}: '{text}' is not "
                             f"{'an integer' if opt.type is int else 'a number'}") from None

@@ -13,7 +13,7 @@ from torch import Tensor
 from guidekit.ddpm import DPM
 from guidekit.engine import respacing
 from guidekit.errors import DivergedError, GuidekitError
-from guidekit.guidance import GuidanceTerm, timestep_weight
+from guidekit.guidance import GuidanceTerm, count_diverged, timestep_weight
 from guidekit.lookup import guidance_spec, plugin_call
 from guidekit.options import resolve_options
 from guidekit.specs import GuidanceContext
@@ -98,7 +98,7 @@ def sample(
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,
                       generator=gen, device=device, progress=progress)
-    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+    bad = count_diverged(x)
     if bad:
         raise DivergedError(f"{bad} of {n} samples diverged (non-finite values): lower "
                             "--scale, or sample with --sampler ddim")

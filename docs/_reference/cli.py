@@ -16,6 +16,14 @@ from typing import Any
 from .markdown import escape, inline
 
 _BRACKETS = re.compile(r"\s*\[(default: .*?|required)\]")
+# typer >= 0.26 writes metavars as <str>, <list[int]>, ...; click as TEXT, INTEGER, ...: the
+# reference spells them click's way, so it reads the same whichever typer built the tree
+_TYPER_METAVAR = re.compile(r"<(?:list\[)?(\w+)\]?>")
+_CLICK_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH"}
+
+
+def _metavar(names: str) -> str:
+    return _TYPER_METAVAR.sub(lambda m: _CLICK_NAMES.get(m.group(1), m.group(1).upper()), names)
 
 
 def current_command() -> Any:
@@ -86,6 +94,7 @@ def options_table(command: Any, ctx: Any) -> str:
         if record is None:  # click arguments have no help record
             record = (param.human_readable_name, getattr(param, "help", None) or "")
         names, text = record
+        names = _metavar(names)
         extras = _BRACKETS.findall(text)
         text = _BRACKETS.sub("", text).strip()
         default = next((e[len("default: "):] for e in extras if e.startswith("default")), "")
