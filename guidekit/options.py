@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,7 @@ class Option:
 
     def with_default(self, default: Any) -> Option:
         """The same option with another default (a trainer's own step count, say)."""
-        return Option(self.name, self.type, default, self.help, self.multiple, self.choices,
-                      self.required)
+        return replace(self, default=default)
 
 
 def _coerce(opt: Option, value: Any, what: str = "value") -> Any:
