@@ -70,8 +70,9 @@ def main() -> None:
     dpm = guidekit.load_dpm(dpm_path)
     n, ddim_steps = PER_CLASS * train.num_classes, 5 if args.tiny else 50
     request = guidekit.GuidanceRequest("classifier", args.scale, options={
-        "classifier": str(args.out / "classifier"), "class_per_row": True})
-    guided = guidekit.sample(dpm, n, steps=ddim_steps, guidance=[request], seed=0)
+        "classifier": str(args.out / "classifier")})
+    guided = guidekit.sample(dpm, n, steps=ddim_steps, guidance=[request], seed=0,
+                             class_per_row=True)
     unguided = guidekit.sample(dpm, n, steps=ddim_steps, seed=0)  # the same x_T
     grid = guidekit.save_image_grid(guided, args.out / "class_grid.png", nrow=PER_CLASS, scale=4)
 

@@ -1,8 +1,9 @@
 """The sampling engine: DDPM ancestral sampling, DDIM, and DDIM inversion, all guided.
 
 The loops live here; the per-step math lives in :mod:`guidekit.ops`. Guidance enters every
-loop the same way: the model predicts ε, the guidance terms give g, and the step op folds g
-in (DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
+loop the same way: the model predicts ε, the guidance terms give their shifts, ε-form
+shifts d are taken off ε first (ε̂ = ε − d), and the step op folds the score-form g in
+(DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from guidekit.guidance import GuidanceTerm, StepInput, check_finite, compose
 from guidekit.schedule import NoiseSchedule
 
 __all__ = [
+    "CLIP_ORDERS",
     "SAMPLERS",
     "Sampler",
     "SplitModel",
@@ -31,15 +33,19 @@ __all__ = [
 
 VARIANCES = ("small", "large")
 SAMPLERS = ("ddim", "ddpm")
+# Guided DDIM with clipping: clamp the unguided x̂_0 and then shift (guided-diffusion's order,
+# which published classifier-guided results used), or shift and then clamp.
+CLIP_ORDERS = ("clip-then-guide", "guide-then-clip")
 
 
 @runtime_checkable
 class SplitModel(Protocol):
     """A noise predictor that runs in two halves, so guidances can reuse the first half's
     features (PDAE's G_ψ reads the UNet's down path): ``middle_up(down(x, t))`` is the
-    model's output. guidekit's UNet is one; any model with these two methods is used so."""
+    model's output (``down(x, t, y)`` for a class-conditional one). guidekit's UNet is one;
+    any model with these two methods is used so."""
 
-    def down(self, x: Tensor, t: Tensor) -> Any: ...
+    def down(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Any: ...
 
     def middle_up(self, features: Any) -> Tensor: ...
 
@@ -77,6 +83,8 @@ class Sampler:
         steps: respacing spec (``"ddim50"``, ``50``, ``"10,20"`` or a list); None keeps all.
         variance: fixed Σ for DDPM when the model supplies none: ``"small"`` (β̃) or ``"large"``.
         clip_x0: clamp x̂_0 to [−1, 1] inside each step.
+        clip_order: with clipping and score-form guidance in DDIM, ``"clip-then-guide"``
+            (guided-diffusion's order) or ``"guide-then-clip"``; see :func:`ops.ddim_step`.
         compile: compile the step ops with ``torch.compile(fullgraph=True)``.
     """
 
@@ -88,10 +96,15 @@ class Sampler:
         steps: str | int | Sequence[int] | None = None,
         variance: str = "small",
         clip_x0: bool = False,
+        clip_order: str = "clip-then-guide",
         compile: bool = False,
     ) -> None:
         if variance not in VARIANCES:
             raise GuidekitError(f"unknown variance '{variance}': choose small or large")
+        if clip_order not in CLIP_ORDERS:
+            raise GuidekitError(f"unknown clip order '{clip_order}': choose "
+                                f"{' or '.join(CLIP_ORDERS)}")
+        self.clip_first = clip_order == "clip-then-guide"
         self.model = model
         self.schedule = schedule if steps is None else schedule.respace(steps)
         self.variance = variance
@@ -111,19 +124,23 @@ class Sampler:
             self.schedule.to(x.device)
         return self.schedule.tables
 
-    def predict(self, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None, Any]:
+    def predict(
+        self, x: Tensor, k: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, Any]:
         """ε, the variance values if the model learns Σ (else None), and the model's features.
 
-        The model sees original timesteps. A :class:`SplitModel` (the UNet) runs in its two
-        halves so guidances can reuse its down-path features (PDAE does).
+        The model sees original timesteps, and the class labels ``y`` when given (a
+        class-conditional model). A :class:`SplitModel` (the UNet) runs in its two halves so
+        guidances can reuse its down-path features (PDAE does).
         """
         t = self.schedule.timesteps[k]
+        extra = () if y is None else (y,)
         features = None
         if isinstance(self.model, SplitModel):
-            features = self.model.down(x, t)
+            features = self.model.down(x, t, *extra)
             out = self.model.middle_up(features)
         else:
-            out = self.model(x, t)
+            out = self.model(x, t, *extra)
         if out.shape[1] == 2 * x.shape[1]:
             eps, v = out.chunk(2, dim=1)
             return eps, v, features
@@ -131,11 +148,12 @@ class Sampler:
 
     def _guide(
         self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor, features: Any,
-        finite: dict[str, Tensor],
-    ) -> Tensor | None:
-        """Σ_i s_i·w_i(t)·g_i, or None when unguided (the step ops then skip the shift)."""
+        y: Tensor | None, finite: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor | None]:
+        """(ε with the ε-form shifts taken off, the score-form g or None): unguided, ε as it
+        is and None, so the step ops skip the shift."""
         if not terms:
-            return None
+            return eps, None
         tab = self.schedule.tables
         inp = StepInput(
             x_t=x,
@@ -146,8 +164,10 @@ class Sampler:
             schedule=self.schedule,
             model=self.model,
             features=features,
+            y=y,
         )
-        return compose(list(terms), inp, finite)
+        g, d = compose(list(terms), inp, finite)
+        return (eps if d is None else eps - d), g
 
     def _start(
         self, x_T: Tensor | None, shape: Sequence[int] | None, generator, device
@@ -168,8 +188,10 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        y: Tensor | None = None,
     ) -> Tensor:
-        """Ancestral sampling x_T → x_0 with Σ fixed or learned and the mean shifted by Σ·g."""
+        """Ancestral sampling x_T → x_0 with Σ fixed or learned and the mean shifted by Σ·g
+        (``y``: class labels of a class-conditional model)."""
         x = self._start(x_T, shape, generator, device)
         tab = self._device(x)
         finite: dict[str, Tensor] = {}
@@ -177,8 +199,8 @@ class Sampler:
             range(self.num_steps - 1, -1, -1), "DDPM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, v, features = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps, features, finite)
+            eps, v, features = self.predict(x, k, y)
+            eps, g = self._guide(guidance, x, k, eps, features, y, finite)
             var, log_var = ops.variance(
                 tab, k, x, "learned" if v is not None else self.variance, v
             )
@@ -198,8 +220,10 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        y: Tensor | None = None,
     ) -> Tensor:
-        """DDIM sampling x_T → x_0 (η = 0 deterministic, η = 1 DDPM-like), guided in score form."""
+        """DDIM sampling x_T → x_0 (η = 0 deterministic, η = 1 DDPM-like), guided in score form
+        (``y``: class labels of a class-conditional model)."""
         if eta < 0:
             raise GuidekitError(f"eta must be >= 0, got {eta}")
         x = self._start(x_T, shape, generator, device)
@@ -209,14 +233,14 @@ class Sampler:
             range(self.num_steps - 1, -1, -1), "DDIM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, _, features = self.predict(x, k)
-            g = self._guide(guidance, x, k, eps, features, finite)
+            eps, _, features = self.predict(x, k, y)
+            eps, g = self._guide(guidance, x, k, eps, features, y, finite)
             noise = (
                 torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if eta > 0
                 else None
             )
-            x, _ = self._ddim_step(tab, x, k, eps, g, noise, eta, self.clip)
+            x, _ = self._ddim_step(tab, x, k, eps, g, noise, eta, self.clip, self.clip_first)
         check_finite(finite, x)
         return x
 
@@ -227,6 +251,7 @@ class Sampler:
         *,
         guidance: Sequence[GuidanceTerm] = (),
         progress: bool = False,
+        y: Tensor | None = None,
     ) -> Tensor:
         """DDIM inversion x_0 → x_T ("inferred x_T"), the inverse of ``ddim(eta=0)``.
 
@@ -239,8 +264,8 @@ class Sampler:
         for i in track(range(self.num_steps), "DDIM inversion", disable=not progress):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             k_eval = (k - 1).clamp(min=0)
-            eps, _, features = self.predict(x, k_eval)
-            g = self._guide(guidance, x, k_eval, eps, features, finite)
+            eps, _, features = self.predict(x, k_eval, y)
+            eps, g = self._guide(guidance, x, k_eval, eps, features, y, finite)
             x = self._invert_step(tab, x, k, eps, g, self.clip)
         check_finite(finite, x)
         return x
@@ -255,11 +280,12 @@ class Sampler:
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         progress: bool = False,
+        y: Tensor | None = None,
     ) -> Tensor:
         """The one sampler dispatch: :meth:`ddim` (with ``eta``) or :meth:`ddpm`."""
         check_sampler(sampler)
         if sampler == "ddim":
             return self.ddim(shape=shape, eta=eta, guidance=guidance, generator=generator,
-                             device=device, progress=progress)
+                             device=device, progress=progress, y=y)
         return self.ddpm(shape=shape, guidance=guidance, generator=generator, device=device,
-                         progress=progress)
+                         progress=progress, y=y)

@@ -2,12 +2,20 @@
 
 A guidance is any callable taking a :class:`StepInput` and returning g with x_t's shape.
 Several compose by summing, each with its own scale and per-timestep weight.
+
+A guidance returns one of two forms, named by its ``form`` attribute:
+
+- ``"score"`` (the default): g ≈ ∇ log p(c | x_t). DDPM shifts the mean, μ + s·Σ·g; DDIM
+  shifts ε, ε̂ = ε − s·√(1−ᾱ_t)·g (guided-diffusion's ``condition_mean``/``condition_score``).
+- ``"eps"``: an ε-space shift d, applied as ε̂ = ε − s·d before the step in every sampler,
+  so DDPM's mean is μ_θ(x_t, ε̂). A network trained on ε̂ (PDAE's G_ψ) then samples with
+  exactly the ε̂ it was trained on, whichever sampler runs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,14 +26,19 @@ from guidekit.errors import DivergedError, GuidekitError
 from guidekit.schedule import NoiseSchedule
 
 __all__ = [
+    "FORMS",
     "Guidance",
     "GuidanceTerm",
     "StepInput",
     "check_finite",
+    "class_labels",
     "compose",
     "count_diverged",
+    "guidance_form",
     "timestep_weight",
 ]
+
+FORMS = ("score", "eps")
 
 
 
@@ -43,6 +56,7 @@ class StepInput:
     # The model's intermediate features from this step's forward (a UNet's DownFeatures), so
     # a guidance built on them does not run the network again; None for other models.
     features: Any = None
+    y: Tensor | None = None  # the class labels a class-conditional model is sampled with
 
 
 @runtime_checkable
@@ -50,7 +64,8 @@ class Guidance(Protocol):
     """Returns g ≈ ∇_{x_t} log p(c | x_t), shaped like ``inp.x_t``.
 
     Called inside ``torch.no_grad()``; a guidance that needs autograd (a classifier's
-    gradient) opens ``torch.enable_grad()`` itself on a detached copy of x_t.
+    gradient) opens ``torch.enable_grad()`` itself on a detached copy of x_t. An object with
+    ``form = "eps"`` returns an ε-space shift instead (see the module docstring).
     """
 
     def __call__(self, inp: StepInput) -> Tensor: ...
@@ -66,18 +81,29 @@ class GuidanceTerm:
     name: str = ""
 
 
+def guidance_form(guidance: Any, name: str = "") -> str:
+    """``"score"`` or ``"eps"``: what ``guidance`` returns (its ``form``, default score)."""
+    form = getattr(guidance, "form", "score")
+    if form not in FORMS:
+        raise GuidekitError(f"guidance '{name}' has form {form!r}: it must be 'score' "
+                            "(g ≈ ∇ log p) or 'eps' (an ε-space shift)")
+    return form
+
+
 def compose(
     terms: list[GuidanceTerm], inp: StepInput, finite: dict[str, Tensor] | None = None
-) -> Tensor:
-    """Σ_i scale_i · w_i(t) · g_i: zero when there are no terms.
+) -> tuple[Tensor | None, Tensor | None]:
+    """(Σ s_i·w_i(t)·g_i over the score-form terms, the same over the ε-form terms): each
+    None when no term has that form.
 
     Each g must be a tensor of x_t's shape, dtype and device (a one-line error naming the
     guidance otherwise). ``finite`` collects, per guidance, whether every g so far was
     finite, on the device: :func:`check_finite` reads it once after the loop, so the check
     costs no host sync per step.
     """
-    total = torch.zeros_like(inp.x_t)
+    totals: dict[str, Tensor] = {}
     for term in terms:
+        form = guidance_form(term.guidance, term.name)
         g = term.guidance(inp)
         _check_output(term.name, g, inp.x_t)
         if finite is not None:
@@ -87,8 +113,8 @@ def compose(
         if term.weight is not None:
             w = term.weight.to(g.device, g.dtype)[inp.t]
             scale = scale * w.reshape(-1, *([1] * (g.ndim - 1)))
-        total = total + scale * g
-    return total
+        totals[form] = scale * g if form not in totals else totals[form] + scale * g
+    return totals.get("score"), totals.get("eps")
 
 
 def _check_output(name: str, g: Any, x_t: Tensor) -> None:
@@ -150,3 +176,38 @@ def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:
     if not bool(w.any()):
         raise GuidekitError(f"guidance schedule '{spec}' is off at every timestep")
     return w.to(schedule.device)
+
+
+def class_labels(
+    n: int, num_classes: int, classes: Sequence[int] | None, per_row: bool = False,
+    what: str = "the model",
+) -> Tensor:
+    """The (n,) class of every sample.
+
+    - ``classes`` with one value: that class for all;
+    - several values: cycled in order (their number must equal or divide ``n``);
+    - ``per_row``: class r for the r-th block of n // num_classes consecutive samples.
+    """
+    classes = list(classes or ())
+    if per_row and classes:
+        raise GuidekitError("give --class or --class-per-row, not both")
+    if per_row:
+        if n % num_classes:
+            raise GuidekitError(
+                f"--class-per-row needs the number of samples to be a multiple of the "
+                f"{num_classes} classes, got --n {n}"
+            )
+        return torch.arange(num_classes).repeat_interleave(n // num_classes)
+    if not classes:
+        raise GuidekitError("choose the class to guide toward: --class N (repeatable) or "
+                            "--class-per-row")
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise GuidekitError(f"class {c} is out of range: {what} knows classes "
+                                f"0..{num_classes - 1}")
+    if n % len(classes):
+        raise GuidekitError(
+            f"{len(classes)} classes do not divide the {n} samples: give one --class, one per "
+            f"sample, or a number of classes that divides --n"
+        )
+    return torch.tensor(classes, dtype=torch.long).repeat(n // len(classes))

@@ -11,6 +11,7 @@ Sign convention: ``g ≈ ∇_{x_t} log p(c | x_t)`` already multiplied by its sc
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor
 
@@ -120,26 +121,43 @@ def ddim_step(
     noise: Tensor | None,
     eta: float = 0.0,
     clip: bool = False,
+    clip_first: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM step x_t → x_{t'} in score form: ε̂ = ε − √(1−ᾱ_t)·g.
 
     Returns (x_{t'}, x̂_0); σ = η·√((1−ᾱ_{t'})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t'}). ``g=None`` means
     unguided and ``noise=None`` means η = 0: both skip their terms (a static choice, so the
     compiled graph does not carry them).
+
+    With ``clip``, x̂_0 is clamped to [−1, 1] and ε re-derived from it. ``clip_first`` (the
+    default, guided-diffusion's order) clamps the x̂_0 of the unguided ε, then shifts the
+    re-derived ε by g and does not clamp again; otherwise the shifted ε̂'s x̂_0 is clamped.
+    Unguided, the two orders are the same step.
     """
-    ab = at(tab["alphas_cumprod"], k, x_t)
-    ab_prev = at(tab["alphas_cumprod_prev"], k, x_t)
     s1m = at(tab["sqrt_one_minus_alphas_cumprod"], k, x_t)
-    eps_hat = eps if g is None else eps - s1m * g
-    x0 = (x_t - s1m * eps_hat) / ab.sqrt()
-    if clip:
-        x0 = x0.clamp(-1, 1)
-        eps_hat = (x_t - ab.sqrt() * x0) / s1m
+    if clip and clip_first and g is not None:
+        eps = eps_from_x0(tab, x_t, k, predict_x0(tab, x_t, k, eps).clamp(-1, 1))
+        eps_hat = eps - s1m * g
+        x0 = predict_x0(tab, x_t, k, eps_hat)
+    else:
+        eps_hat = eps if g is None else eps - s1m * g
+        x0 = predict_x0(tab, x_t, k, eps_hat)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps_hat = eps_from_x0(tab, x_t, k, x0)
+    return _ddim_to(tab, k, x0, eps_hat, noise, eta), x0
+
+
+def _ddim_to(tab: Tables, k: Tensor, x0: Tensor, eps: Tensor, noise: Tensor | None,
+             eta: float) -> Tensor:
+    """x_{t'} = √ᾱ_{t'} x̂_0 + √(1−ᾱ_{t'}−σ²) ε̂ + σ z."""
+    ab_prev = at(tab["alphas_cumprod_prev"], k, x0)
     if noise is None:
-        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps_hat, x0
+        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
+    ab = at(tab["alphas_cumprod"], k, x0)
     sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).clamp(min=0).sqrt()
-    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
-    return ab_prev.sqrt() * x0 + direction + sigma * noise, x0
+    direction = (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+    return ab_prev.sqrt() * x0 + direction + sigma * noise
 
 
 def ddim_invert_step(
@@ -148,6 +166,8 @@ def ddim_invert_step(
     """The deterministic DDIM update run forward: level ᾱ_{k−1} (1 before the first step) → ᾱ_k.
 
     ``eps`` is the model's prediction at the current state (see ``engine.Sampler.invert``).
+    With ``clip``, ε is re-derived from the clamped x̂_0 before the direction term, as the
+    sampler does (and guided-diffusion's and PDAE's encoders).
     """
     ab_cur = at(tab["alphas_cumprod_prev"], k, x)
     ab_next = at(tab["alphas_cumprod"], k, x)
@@ -156,6 +176,9 @@ def ddim_invert_step(
     x0 = (x - s1m * eps_hat) / ab_cur.sqrt()
     if clip:
         x0 = x0.clamp(-1, 1)
+        # At the clean start (ᾱ = 1) x̂_0 is x itself and ε is not determined by it.
+        eps_hat = torch.where(s1m > 0, (x - ab_cur.sqrt() * x0) / s1m.clamp(min=1e-12),
+                              eps_hat)
     return ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps_hat
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from guidekit.ddpm import DPM
 from guidekit.engine import respacing
 from guidekit.errors import DivergedError, GuidekitError
-from guidekit.guidance import GuidanceTerm, count_diverged, timestep_weight
+from guidekit.guidance import GuidanceTerm, class_labels, count_diverged, timestep_weight
 from guidekit.lookup import guidance_spec, plugin_call
 from guidekit.options import resolve_options
 from guidekit.specs import GuidanceContext
@@ -21,6 +21,7 @@ from guidekit.specs import GuidanceContext
 __all__ = [
     "GuidanceRequest",
     "build_terms",
+    "dpm_classes",
     "sample",
 ]
 
@@ -37,10 +38,27 @@ class GuidanceRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def dpm_classes(
+    dpm: DPM, n: int, classes: Sequence[int] = (), per_row: bool = False
+) -> Tensor | None:
+    """The labels a class-conditional ``dpm`` is sampled with, from ``--class`` /
+    ``--class-per-row``; None for an unconditional one."""
+    num_classes = getattr(getattr(dpm.model, "config", None), "num_classes", None)
+    if num_classes is None:
+        return None
+    if not classes and not per_row:
+        raise GuidekitError(f"this DPM is class-conditional ({num_classes} classes): give "
+                            "--class N (repeat to cycle) or --class-per-row")
+    return class_labels(n, num_classes, classes, per_row, "this class-conditional DPM")
+
+
 def build_terms(
-    dpm: DPM, requests: Sequence[GuidanceRequest], num_samples: int
+    dpm: DPM, requests: Sequence[GuidanceRequest], num_samples: int,
+    classes: Sequence[int] = (), class_per_row: bool = False,
 ) -> list[GuidanceTerm]:
-    """Build each requested guidance against ``dpm`` (the plugins' ``build`` hooks)."""
+    """Build each requested guidance against ``dpm`` (the plugins' ``build`` hooks);
+    ``classes`` / ``class_per_row``: the class of every sample, for guidances that steer
+    toward one."""
     device = next(iter(dpm.model.parameters())).device
     terms = []
     for req in requests:
@@ -53,6 +71,8 @@ def build_terms(
             device=device,
             options=resolve_options(spec.options, req.options, f"guidance '{req.name}'"),
             checkpoint_dir=dpm.checkpoint.path,
+            classes=tuple(classes),
+            class_per_row=class_per_row,
         )
         built = plugin_call("guidance", req.name, spec.build, ctx)
         if not callable(built):
@@ -79,25 +99,38 @@ def sample(
     guidance: Sequence[GuidanceRequest] = (),
     seed: int = 0,
     clip_x0: bool = True,
+    clip_order: str = "clip-then-guide",
     variance: str = "small",
+    classes: Sequence[int] = (),
+    class_per_row: bool = False,
     compile: bool = False,
     progress: bool = False,
 ) -> Tensor:
     """Draw ``n`` images in [−1, 1] from ``dpm``, guided by ``guidance``.
 
     ``steps``: an int respaces to that many steps ("ddimK" spacing for DDIM, even spacing for
-    DDPM), a string is any respacing spec, None keeps all T steps. A run that diverges
-    (non-finite samples) is a one-line :class:`~guidekit.errors.GuidekitError`, never NaNs.
+    DDPM), a string is any respacing spec, None keeps all T steps. ``classes`` /
+    ``class_per_row``: the class of every sample (see :func:`class_labels`): it conditions a
+    class-conditional DPM, and class guidances (the classifier's) steer toward it. A run that
+    diverges (non-finite samples) is a one-line :class:`~guidekit.errors.GuidekitError`,
+    never NaNs.
     """
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
     device = next(iter(dpm.model.parameters())).device
     engine = dpm.sampler(steps=respacing(sampler, steps), variance=variance, clip_x0=clip_x0,
-                         compile=compile)
-    terms = build_terms(dpm, guidance, n)
+                         clip_order=clip_order, compile=compile)
+    classes = tuple(classes or ())
+    y = dpm_classes(dpm, n, classes, class_per_row)
+    if y is None and not guidance and (classes or class_per_row):
+        raise GuidekitError("this DPM is unconditional and no --guidance steers toward "
+                            "--class: add --guidance classifier --classifier PATH, or drop "
+                            "--class")
+    terms = build_terms(dpm, guidance, n, classes, class_per_row)
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,
-                      generator=gen, device=device, progress=progress)
+                      generator=gen, device=device, progress=progress,
+                      y=None if y is None else y.to(device))
     bad = count_diverged(x)
     if bad:
         raise DivergedError(f"{bad} of {n} samples diverged (non-finite values): lower "

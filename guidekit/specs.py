@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from guidekit.guidance import class_labels
 from guidekit.options import Option
 from guidekit.schedule import NoiseSchedule
 
@@ -51,6 +52,17 @@ class GuidanceContext:
     device: torch.device
     options: dict[str, Any] = field(default_factory=dict)  # every option's value, by name
     checkpoint_dir: Path | None = None
+    classes: tuple[int, ...] = ()  # the run's --class values (the class of every sample)
+    class_per_row: bool = False  # --class-per-row: one class per block of samples
+
+    def target_classes(self, num_classes: int, what: str = "the guidance") -> Tensor:
+        """The (num_samples,) class of every sample from the run's ``--class`` /
+        ``--class-per-row``, checked against ``num_classes`` (what ``what`` knows): for
+        guidances that steer toward a class. The same labels condition a class-conditional
+        DPM."""
+        labels = class_labels(self.num_samples, num_classes, self.classes, self.class_per_row,
+                              what)
+        return labels.to(self.device)
 
 
 @dataclass(frozen=True)

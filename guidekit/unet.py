@@ -1,5 +1,11 @@
 """ADM-style UNet (Dhariwal & Nichol 2021) for ε_θ, and its encoder half as a noisy classifier.
 
+One family covers guidekit's own DPMs and openai's released ADM / improved-diffusion models
+(and the PDAE repository's): per-layer head counts from ``num_head_channels``, a class
+embedding, ResBlock or convolution up/down sampling, scale-shift or additive time embedding,
+both QKV layouts, learned Σ, timestep rescaling and the classifier's attention pools. The
+defaults are the layout guidekit has always trained, so older checkpoints load unchanged.
+
 The blocks are module-level so other methods (e.g. PDAE) can assemble their own paths from them.
 Forward passes branch only on Python-level facts (shapes, ``None``), never on tensor values, so
 the models compile with ``torch.compile(fullgraph=True)``.
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,65 +26,125 @@ from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
 __all__ = [
+    "POOLS",
     "AttentionBlock",
+    "AttentionPool2d",
     "BackboneConfig",
     "ClassifierConfig",
     "DownFeatures",
+    "Downsample",
     "EmbedSequential",
     "EncoderUNet",
     "ResBlock",
     "UNet",
     "UNetConfig",
+    "Upsample",
+    "attention_heads",
     "build_input_blocks",
     "build_middle_block",
+    "build_output_blocks",
     "build_time_embed",
     "conv3x3",
     "count_parameters",
     "down_path_channels",
     "normalization",
+    "set_attention",
     "timestep_embedding",
     "zero_module",
 ]
+
+POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+# Layout fields older guidekit configs lack; their absence marks a config written before the
+# family covered ADM (see ``BackboneConfig.from_dict``).
+_ADM_FIELDS = ("num_head_channels", "use_scale_shift_norm", "resblock_updown")
 
 
 # --------------------------------------------------------------------------- configs
 
 @dataclass
 class BackboneConfig(ConfigMixin):
-    """Fields shared by the UNet and the classifier: the down path + middle block."""
+    """Fields shared by the UNet and the classifier: the down path + middle block.
+
+    Widths are ``int(mult * model_channels)`` per level, as in ADM, so a multiplier may be a
+    fraction (openai's 512×512 model starts at 0.5).
+    """
 
     image_size: int = 16
     in_channels: int = 1
     model_channels: int = 32
-    channel_mult: tuple[int, ...] = (1, 2, 2)
+    channel_mult: tuple[float, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     attention_resolutions: tuple[int, ...] = (8,)  # feature-map sizes (pixels) with attention
     num_heads: int = 4
     dropout: float = 0.0
+    # A fixed head width: each attention layer then has channels // num_head_channels heads
+    # (ADM's released models use 64); -1 uses num_heads everywhere.
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = True  # AdaGN; False adds the time embedding before the norm
+    resblock_updown: bool = True  # resample inside ResBlocks; False uses Down/Upsample layers
+    conv_resample: bool = True  # those layers convolve (only used without resblock_updown)
+    use_new_attention_order: bool = True  # q, k, v split before heads; False: heads first
+    timestep_scale: float = 1.0  # the model embeds t·scale (improved-diffusion: 1000 / T)
+    # Width of the input convolution; None is ADM's int(channel_mult[0] * model_channels).
+    # Configs written before guidekit followed that rule record model_channels here.
+    stem_channels: int | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so configs stay hashable and compare equal.
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
+        self.channel_mult = tuple(_number(m) for m in self.channel_mult)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        d = dict(d)
+        mult = d.get("channel_mult") or [1]
+        if not any(k in d for k in _ADM_FIELDS) and d.get("stem_channels") is None and (
+                mult[0] != 1):
+            d["stem_channels"] = d.get("model_channels", cls.model_channels)
+        return super().from_dict(d)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map size at each level of the down path."""
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Channels at each level: int(mult * model_channels)."""
+        return tuple(int(m * self.model_channels) for m in self.channel_mult)
+
+    @property
+    def stem(self) -> int:
+        """Channels of the input convolution."""
+        return self.stem_channels if self.stem_channels is not None else self.widths[0]
+
+    def heads(self, channels: int, upsample: bool = False) -> int:
+        """Attention heads of a layer with ``channels`` channels."""
+        return attention_heads(channels, self.num_heads, self.num_head_channels)
+
     def validate(self) -> None:
         name = type(self).__name__
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise GuidekitError(f"{name}.channel_mult must be non-empty positive ints, "
+        if not self.channel_mult or min(self.channel_mult) <= 0:
+            raise GuidekitError(f"{name}.channel_mult must be non-empty positive numbers, "
                                 f"got {self.channel_mult}")
         for key in ("image_size", "in_channels", "model_channels", "num_heads"):
             if getattr(self, key) < 1:
                 raise GuidekitError(f"{name}.{key} must be >= 1, got {getattr(self, key)}")
+        if min(self.widths) < 1:
+            raise GuidekitError(f"{name}: channel_mult {self.channel_mult} gives a level with "
+                                f"no channels at model_channels={self.model_channels}")
+        if self.num_head_channels != -1 and self.num_head_channels < 1:
+            raise GuidekitError(f"{name}.num_head_channels must be >= 1 or -1, "
+                                f"got {self.num_head_channels}")
+        if self.stem_channels is not None and self.stem_channels < 1:
+            raise GuidekitError(f"{name}.stem_channels must be >= 1, got {self.stem_channels}")
         if self.num_res_blocks < 0:
             raise GuidekitError(f"{name}.num_res_blocks must be >= 0, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
             raise GuidekitError(f"{name}.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.timestep_scale) and self.timestep_scale > 0):
+            raise GuidekitError(f"{name}.timestep_scale must be > 0, got {self.timestep_scale}")
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise GuidekitError(
@@ -89,38 +156,93 @@ class BackboneConfig(ConfigMixin):
         if bad:
             raise GuidekitError(f"{name}.attention_resolutions {bad} never occur; the feature "
                                 f"maps are {list(self.resolutions)} pixels")
-        for res, mult in zip(self.resolutions, self.channel_mult, strict=True):
-            ch = self.model_channels * mult
-            if res in self.attention_resolutions and ch % self.num_heads:
-                raise GuidekitError(f"{name}: {ch} channels at resolution {res} are not "
-                                    f"divisible by num_heads={self.num_heads}")
+        for res, ch in zip(self.resolutions, self.widths, strict=True):
+            if res in self.attention_resolutions:
+                self._check_heads(ch, f"{ch} channels at resolution {res}")
         # The middle block always has attention at the last level's width.
-        if (self.model_channels * self.channel_mult[-1]) % self.num_heads:
-            raise GuidekitError(f"{name}: middle-block channels "
-                                f"{self.model_channels * self.channel_mult[-1]} are not "
-                                f"divisible by num_heads={self.num_heads}")
+        self._check_heads(self.widths[-1], f"middle-block channels {self.widths[-1]}")
+
+    def _check_heads(self, ch: int, what: str, upsample: bool = False) -> None:
+        try:
+            self.heads(ch, upsample)
+        except GuidekitError as exc:
+            raise GuidekitError(f"{type(self).__name__}: {what}: {exc}") from None
+
+
+def _number(m: Any) -> float:
+    """A channel multiplier: an int when integral (so configs print as before)."""
+    v = float(m)
+    return int(v) if v.is_integer() else v
+
+
+def attention_heads(channels: int, num_heads: int, num_head_channels: int = -1) -> int:
+    """Heads of an attention layer: ``channels // num_head_channels`` with a fixed head
+    width, else ``num_heads``; the channels must split evenly."""
+    if num_head_channels != -1:
+        if channels % num_head_channels:
+            raise GuidekitError(f"{channels} channels are not divisible by "
+                                f"num_head_channels={num_head_channels}")
+        return channels // num_head_channels
+    if channels % num_heads:
+        raise GuidekitError(f"{channels} channels are not divisible by num_heads={num_heads}")
+    return num_heads
 
 
 @dataclass
 class UNetConfig(BackboneConfig):
-    """The ε-prediction UNet: the backbone's widths and levels, optionally also predicting v."""
+    """The ε-prediction UNet: the backbone's widths and levels, optionally also predicting v
+    and conditioned on a class label."""
+
     learn_sigma: bool = False  # also output v, the improved-DDPM variance interpolation value
+    num_classes: int | None = None  # class-conditional: label_emb(y) joins the time embedding
+    num_heads_upsample: int = -1  # heads in the up path without num_head_channels; -1: same
 
     @property
     def out_channels(self) -> int:
         """Output channels: the image's, doubled when the variance is learned."""
         return self.in_channels * (2 if self.learn_sigma else 1)
 
+    def heads(self, channels: int, upsample: bool = False) -> int:
+        n = self.num_heads_upsample if upsample and self.num_heads_upsample != -1 else (
+            self.num_heads)
+        return attention_heads(channels, n, self.num_head_channels)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_classes is not None and (isinstance(self.num_classes, bool)
+                                             or self.num_classes < 1):
+            raise GuidekitError(f"UNetConfig.num_classes must be >= 1 or null, "
+                                f"got {self.num_classes}")
+        if self.num_heads_upsample != -1 and self.num_heads_upsample < 1:
+            raise GuidekitError(f"UNetConfig.num_heads_upsample must be >= 1 or -1, "
+                                f"got {self.num_heads_upsample}")
+        for res, ch in zip(self.resolutions, self.widths, strict=True):
+            if res in self.attention_resolutions:
+                self._check_heads(ch, f"{ch} up-path channels at resolution {res}", True)
+
 
 @dataclass
 class ClassifierConfig(BackboneConfig):
+    """A noisy classifier: the backbone, then a head that pools to ``num_classes`` logits.
+
+    ``pool``: ``adaptive`` (mean over pixels, then linear), ``attention`` (ADM's attention
+    pool, its released classifiers), ``spatial`` / ``spatial_v2`` (the means of every down
+    block's and the middle block's output, then an MLP).
+    """
+
     num_classes: int = 10
+    pool: str = "adaptive"
 
     def validate(self) -> None:
         super().validate()
         if self.num_classes < 1:
             raise GuidekitError(f"ClassifierConfig.num_classes must be >= 1, "
                                 f"got {self.num_classes}")
+        if self.pool not in POOLS:
+            raise GuidekitError(f"unknown classifier pool '{self.pool}': choose one of "
+                                f"{', '.join(POOLS)}")
+        if self.pool == "attention":
+            self._check_heads(self.widths[-1], "the attention pool's channels")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -147,7 +269,8 @@ def zero_module(m: nn.Module) -> nn.Module:
 
 
 def normalization(ch: int) -> nn.GroupNorm:
-    """GroupNorm with the largest of 32, 16, ... groups that divides ``ch``."""
+    """GroupNorm with the largest of 32, 16, ... groups that divides ``ch`` (32 for every
+    ADM width)."""
     groups = next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0)
     return nn.GroupNorm(groups, ch)
 
@@ -156,11 +279,36 @@ def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, padding=1)
 
 
-class ResBlock(nn.Module):
-    """BigGAN-style residual block with AdaGN time conditioning (and optional extra condition).
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 conv (``use_conv``) or 2×2 average pooling."""
 
-    ``h = norm(h) * (1 + scale_t) + shift_t``; with ``cond_channels`` a second
-    projection of ``cond`` then gives ``h = h * (1 + scale_c) + shift_c`` (PDAE's latent shift).
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.op: nn.Module = (nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+                              if use_conv else nn.AvgPool2d(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution (nearest), then a 3×3 conv when ``use_conv``."""
+
+    def __init__(self, channels: int, use_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = conv3x3(channels, channels) if use_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """BigGAN-style residual block with time conditioning (and optional extra condition).
+
+    With ``scale_shift`` (AdaGN) ``h = norm(h) * (1 + scale_t) + shift_t``, else
+    ``h = norm(h + emb_t)``; with ``cond_channels`` a second projection of ``cond`` then
+    gives ``h = h * (1 + scale_c) + shift_c`` (PDAE's latent shift).
     """
 
     def __init__(
@@ -172,12 +320,14 @@ class ResBlock(nn.Module):
         up: bool = False,
         down: bool = False,
         cond_channels: int | None = None,
+        scale_shift: bool = True,
     ) -> None:
         super().__init__()
         if up and down:
             raise ValueError("ResBlock cannot be both up and down")
         out_channels = out_channels or channels
         self.cond_channels = cond_channels
+        self.scale_shift = scale_shift
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU())
         # Resample between the activation and the conv, on both branches, as ADM does.
         self.resample: nn.Module = (
@@ -186,7 +336,8 @@ class ResBlock(nn.Module):
             else nn.Identity()
         )
         self.in_conv = conv3x3(channels, out_channels)
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, (2 if scale_shift else 1) * out_channels))
         # Default init, not zero: the zero-initialised output conv already makes the block
         # start as the identity, and a zero projection as well would keep z's gradient at
         # zero until two layers downstream had moved (measured: a less linear z).
@@ -207,35 +358,88 @@ class ResBlock(nn.Module):
                                 f"cond={'None' if cond is None else 'a tensor'}")
         h = self.in_conv(self.resample(self.in_layers(x)))
         x = self.resample(x)
-        scale, shift = self.emb_layers(emb).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb_out)
         if self.cond_layers is not None:
             c_scale, c_shift = self.cond_layers(cond).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + c_scale) + c_shift
         return self.skip(x) + self.out_layers(h)
 
 
-class AttentionBlock(nn.Module):
-    """Residual multi-head self-attention over all pixels."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, sdpa: bool) -> Tensor:
+    """softmax(q kᵀ / √d) v over (B, heads, L, d): torch's fused kernel, or written out."""
+    if sdpa:
+        return F.scaled_dot_product_attention(q, k, v)
+    weight = torch.einsum("bnld,bnmd->bnlm", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bnlm,bnmd->bnld", weight.float().softmax(-1).to(v.dtype), v)
 
-    def __init__(self, channels: int, num_heads: int = 4) -> None:
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over all pixels.
+
+    ``new_order``: the 3·C qkv channels are laid out q, k, v first, then heads (ADM's
+    ``use_new_attention_order=True``); otherwise heads first, then q, k, v in each
+    (ADM's legacy layout). ``sdpa=False`` writes the attention out instead of torch's
+    ``scaled_dot_product_attention`` (for comparison; the results agree to rounding).
+    """
+
+    def __init__(self, channels: int, num_heads: int = 4, new_order: bool = True,
+                 sdpa: bool = True) -> None:
         super().__init__()
         if channels % num_heads:
             raise GuidekitError(f"AttentionBlock: {channels} channels not divisible by "
                                 f"num_heads={num_heads}")
         self.num_heads = num_heads
+        self.layout = ("b (three n d) h w -> three b n (h w) d" if new_order
+                       else "b (n three d) h w -> three b n (h w) d")
+        self.sdpa = sdpa
         self.norm = normalization(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(self.norm(x))
-        q, k, v = rearrange(
-            qkv, "b (three n d) h w -> three b n (h w) d", three=3, n=self.num_heads
-        )
-        out = F.scaled_dot_product_attention(q, k, v)
+        q, k, v = rearrange(qkv, self.layout, three=3, n=self.num_heads)
+        out = _attend(q, k, v, self.sdpa)
         out = rearrange(out, "b n (h w) d -> b (n d) h w", h=x.shape[2])
         return x + self.proj(out)
+
+
+class AttentionPool2d(nn.Module):
+    """ADM's classifier head (after CLIP): the pixels' mean attends over itself and every
+    pixel, with a learned positional embedding; its output is projected to the logits."""
+
+    def __init__(self, side: int, channels: int, num_heads: int, out_channels: int,
+                 sdpa: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.sdpa = sdpa
+        self.positional_embedding = nn.Parameter(
+            torch.randn(channels, side**2 + 1) / channels**0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2)
+        x = torch.cat([x.mean(-1, keepdim=True), x], dim=-1) + self.positional_embedding.to(
+            x.dtype)
+        q, k, v = rearrange(self.qkv_proj(x), "b (three n d) l -> three b n l d", three=3,
+                            n=self.num_heads)
+        out = rearrange(_attend(q, k, v, self.sdpa), "b n l d -> b (n d) l")
+        return self.c_proj(out)[:, :, 0]
+
+
+def set_attention(module: nn.Module, sdpa: bool) -> nn.Module:
+    """Switch every attention layer of ``module`` to torch's SDPA kernel or the written-out
+    attention (a benchmark's comparison); returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, (AttentionBlock, AttentionPool2d)):
+            m.sdpa = sdpa
+    return module
 
 
 class EmbedSequential(nn.Sequential):
@@ -259,24 +463,37 @@ def build_time_embed(model_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
+def _res(cfg: BackboneConfig, c_in: int, emb: int, c_out: int, cond: int | None = None,
+         **kw: bool) -> ResBlock:
+    return ResBlock(c_in, emb, c_out, cfg.dropout, cond_channels=cond,
+                    scale_shift=cfg.use_scale_shift_norm, **kw)
+
+
+def _attn(cfg: BackboneConfig, ch: int, upsample: bool = False) -> AttentionBlock:
+    return AttentionBlock(ch, cfg.heads(ch, upsample), cfg.use_new_attention_order)
+
+
 def build_input_blocks(cfg: BackboneConfig, emb_dim: int) -> tuple[nn.ModuleList, list[int], int]:
     """The down path. Returns (blocks, channels of each skip in order, output channels).
 
     Every block produces one skip tensor (the input conv included), as in ADM.
     """
-    mc = cfg.model_channels
-    blocks = nn.ModuleList([EmbedSequential(conv3x3(cfg.in_channels, mc))])
-    skip_chs, ch = [mc], mc
-    for level, (mult, res) in enumerate(zip(cfg.channel_mult, cfg.resolutions, strict=True)):
+    ch = cfg.stem
+    blocks = nn.ModuleList([EmbedSequential(conv3x3(cfg.in_channels, ch))])
+    skip_chs = [ch]
+    levels = list(zip(cfg.widths, cfg.resolutions, strict=True))
+    for level, (width, res) in enumerate(levels):
         for _ in range(cfg.num_res_blocks):
-            layers: list[nn.Module] = [ResBlock(ch, emb_dim, mc * mult, cfg.dropout)]
-            ch = mc * mult
+            layers: list[nn.Module] = [_res(cfg, ch, emb_dim, width)]
+            ch = width
             if res in cfg.attention_resolutions:
-                layers.append(AttentionBlock(ch, cfg.num_heads))
+                layers.append(_attn(cfg, ch))
             blocks.append(EmbedSequential(*layers))
             skip_chs.append(ch)
-        if level < len(cfg.channel_mult) - 1:
-            blocks.append(EmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout, down=True)))
+        if level < len(levels) - 1:
+            down = (_res(cfg, ch, emb_dim, ch, down=True) if cfg.resblock_updown
+                    else Downsample(ch, cfg.conv_resample))
+            blocks.append(EmbedSequential(down))
             skip_chs.append(ch)
     return blocks, skip_chs, ch
 
@@ -284,21 +501,47 @@ def build_input_blocks(cfg: BackboneConfig, emb_dim: int) -> tuple[nn.ModuleList
 def down_path_channels(cfg: BackboneConfig) -> tuple[list[int], int]:
     """(channels of each skip, output channels) of :func:`build_input_blocks`, without
     building it: for networks that read a UNet's features (PDAE's gradient estimator)."""
-    skip_chs, ch = [cfg.model_channels], cfg.model_channels
-    for level, mult in enumerate(cfg.channel_mult):
-        ch = cfg.model_channels * mult
+    skip_chs, ch = [cfg.stem], cfg.stem
+    for level, width in enumerate(cfg.widths):
+        ch = width if cfg.num_res_blocks else ch
         skip_chs += [ch] * cfg.num_res_blocks
-        if level < len(cfg.channel_mult) - 1:
+        if level < len(cfg.widths) - 1:
             skip_chs.append(ch)
     return skip_chs, ch
 
 
-def build_middle_block(cfg: BackboneConfig, ch: int, emb_dim: int) -> EmbedSequential:
+def build_middle_block(cfg: BackboneConfig, ch: int, emb_dim: int,
+                       cond_channels: int | None = None) -> EmbedSequential:
+    """ResBlock, attention, ResBlock at the bottom of the UNet (``cond_channels``: the
+    ResBlocks also take a condition, as PDAE's G_ψ takes z)."""
     return EmbedSequential(
-        ResBlock(ch, emb_dim, ch, cfg.dropout),
-        AttentionBlock(ch, cfg.num_heads),
-        ResBlock(ch, emb_dim, ch, cfg.dropout),
+        _res(cfg, ch, emb_dim, ch, cond_channels),
+        _attn(cfg, ch),
+        _res(cfg, ch, emb_dim, ch, cond_channels),
     )
+
+
+def build_output_blocks(
+    cfg: BackboneConfig, skip_chs: list[int], ch: int, emb_dim: int,
+    cond_channels: int | None = None,
+) -> tuple[nn.ModuleList, int]:
+    """The up path, consuming ``skip_chs`` last-first. Returns (blocks, output channels).
+    PDAE's G_ψ builds its own with ``cond_channels``, mirroring the UNet it reads."""
+    skip_chs = list(skip_chs)
+    blocks = nn.ModuleList()
+    levels = list(enumerate(zip(cfg.widths, cfg.resolutions, strict=True)))
+    for level, (width, res) in reversed(levels):
+        for i in range(cfg.num_res_blocks + 1):
+            layers: list[nn.Module] = [
+                _res(cfg, ch + skip_chs.pop(), emb_dim, width, cond_channels)]
+            ch = width
+            if res in cfg.attention_resolutions:
+                layers.append(_attn(cfg, ch, upsample=True))
+            if level > 0 and i == cfg.num_res_blocks:
+                layers.append(_res(cfg, ch, emb_dim, ch, cond_channels, up=True)
+                              if cfg.resblock_updown else Upsample(ch, cfg.conv_resample))
+            blocks.append(EmbedSequential(*layers))
+    return blocks, ch
 
 
 # --------------------------------------------------------------------------- models
@@ -308,24 +551,26 @@ def build_middle_block(cfg: BackboneConfig, ch: int, emb_dim: int) -> EmbedSeque
 class DownFeatures:
     h: Tensor  # output of the down path (input to the middle block)
     skips: list[Tensor]  # skip tensors in the order they were produced
-    emb: Tensor  # time embedding (B, emb_dim)
+    emb: Tensor  # time embedding (B, emb_dim), the class embedding added when conditional
 
 
 class _Backbone(nn.Module):
-    """Time embedding + down path, shared by :class:`UNet` and :class:`EncoderUNet`."""
+    """Time (and class) embedding + down path, shared by :class:`UNet` and
+    :class:`EncoderUNet`."""
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, config: BackboneConfig, num_classes: int | None = None) -> None:
         super().__init__()
         config.validate()
         self.config = config
         self.emb_dim = 4 * config.model_channels
         self.time_embed = build_time_embed(config.model_channels)
+        self.label_emb = nn.Embedding(num_classes, self.emb_dim) if num_classes else None
         self.input_blocks, self.skip_channels, self.down_channels = build_input_blocks(
             config, self.emb_dim
         )
 
-    def _check_input(self, x: Tensor, t: Tensor | int | float) -> Tensor:
-        """Validate x's shape (Python ints only) and return t as a (B,) tensor."""
+    def _check_input(self, x: Tensor, t: Tensor | int | float, y: Tensor | None) -> Tensor:
+        """Validate x's shape and y's presence (Python facts only); return t as (B,)."""
         c = self.config
         if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
             raise GuidekitError(
@@ -339,13 +584,25 @@ class _Backbone(nn.Module):
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise GuidekitError(f"timesteps must have shape ({x.shape[0]},), "
                                 f"got {tuple(t.shape)}")
+        if (y is None) != (self.label_emb is None):
+            raise GuidekitError(
+                "this DPM is class-conditional: give the class labels (--class N)"
+                if y is None else
+                "this DPM is unconditional: it takes no class labels (drop --class)")
+        if y is not None and tuple(y.shape) != (x.shape[0],):
+            raise GuidekitError(f"class labels must have shape ({x.shape[0]},), "
+                                f"got {tuple(y.shape)}")
         return t
 
-    def down(self, x: Tensor, t: Tensor) -> DownFeatures:
-        """Time embedding + input blocks."""
-        t = self._check_input(x, t)
-        emb_in = timestep_embedding(t, self.config.model_channels)
+    def down(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> DownFeatures:
+        """Time (+ class) embedding and input blocks."""
+        t = self._check_input(x, t, y)
+        scale = self.config.timestep_scale
+        emb_in = timestep_embedding(t.float() * scale if scale != 1 else t,
+                                    self.config.model_channels)
         emb = self.time_embed(emb_in.to(self.time_embed[0].weight.dtype))
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y)
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -354,30 +611,18 @@ class _Backbone(nn.Module):
 
 
 class UNet(_Backbone):
-    """Noise predictor ε_θ(x_t, t) -> (B, out_channels, H, W); zero output at initialisation."""
+    """Noise predictor ε_θ(x_t, t[, y]) -> (B, out_channels, H, W); zero output at
+    initialisation. ``y`` (B,) long: the class labels of a class-conditional UNet."""
 
     config: UNetConfig
 
     def __init__(self, config: UNetConfig) -> None:
-        super().__init__(config)
-        cfg, mc, ch = config, config.model_channels, self.down_channels
-        self.middle_block = build_middle_block(cfg, ch, self.emb_dim)
-        skip_chs = list(self.skip_channels)
-        self.output_blocks = nn.ModuleList()
-        levels = list(enumerate(zip(cfg.channel_mult, cfg.resolutions, strict=True)))
-        for level, (mult, res) in reversed(levels):
-            for i in range(cfg.num_res_blocks + 1):
-                layers: list[nn.Module] = [
-                    ResBlock(ch + skip_chs.pop(), self.emb_dim, mc * mult, cfg.dropout)
-                ]
-                ch = mc * mult
-                if res in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, cfg.num_heads))
-                if level > 0 and i == cfg.num_res_blocks:
-                    layers.append(ResBlock(ch, self.emb_dim, ch, cfg.dropout, up=True))
-                self.output_blocks.append(EmbedSequential(*layers))
+        super().__init__(config, config.num_classes)
+        self.middle_block = build_middle_block(config, self.down_channels, self.emb_dim)
+        self.output_blocks, ch = build_output_blocks(
+            config, self.skip_channels, self.down_channels, self.emb_dim)
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, cfg.out_channels))
+            normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, config.out_channels))
         )
 
     def middle_up(self, feats: DownFeatures) -> Tensor:
@@ -388,27 +633,39 @@ class UNet(_Backbone):
             h = block(torch.cat([h, skip], dim=1), emb)
         return self.out(h)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.middle_up(self.down(x, t))
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.middle_up(self.down(x, t, y))
 
 
 class EncoderUNet(_Backbone):
-    """Noisy classifier p_φ(y | x_t, t): down path + middle block + pooled linear head."""
+    """Noisy classifier p_φ(y | x_t, t): down path + middle block + pooled head."""
 
     config: ClassifierConfig
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__(config)
-        ch = self.down_channels
+        ch, k = self.down_channels, config.num_classes
         self.middle_block = build_middle_block(config, ch, self.emb_dim)
-        self.head = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(ch, config.num_classes),
-        )
+        self.head: nn.Sequential
+        if config.pool == "adaptive":
+            self.head = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(ch, k))
+        elif config.pool == "attention":
+            side = config.resolutions[-1]
+            self.head = nn.Sequential(normalization(ch), nn.SiLU(),
+                                      AttentionPool2d(side, ch, config.heads(ch), k))
+        else:  # the spatial pools: every block's mean, then an MLP
+            features = sum(self.skip_channels) + ch
+            hidden: list[nn.Module] = ([nn.ReLU()] if config.pool == "spatial"
+                                       else [normalization(2048), nn.SiLU()])
+            self.head = nn.Sequential(nn.Linear(features, 2048), *hidden, nn.Linear(2048, k))
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         feats = self.down(x, t)
-        return self.head(self.middle_block(feats.h, feats.emb))
+        h = self.middle_block(feats.h, feats.emb)
+        if self.config.pool.startswith("spatial"):
+            h = torch.cat([s.mean(dim=(2, 3)) for s in (*feats.skips, h)], dim=-1)
+        return self.head(h)
 
 
 def count_parameters(module: nn.Module) -> int:

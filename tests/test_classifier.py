@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from guidekit_classifier.guidance import ClassifierGuidance, classes_for
+from guidekit_classifier.guidance import ClassifierGuidance
 from guidekit_classifier.training import (
     ACCURACY_FILE,
     JUDGE_KIND,
@@ -30,7 +30,7 @@ from guidekit.errors import CheckpointError, GuidekitError
 from guidekit.guidance import StepInput
 from guidekit.lookup import load_dataset
 from guidekit.plugins import get_registry
-from guidekit.sampling import GuidanceRequest, sample
+from guidekit.sampling import GuidanceRequest, class_labels, sample
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
@@ -114,25 +114,26 @@ def test_gradient_keeps_image_shape():
 # --------------------------------------------------------------------------- classes
 
 
-def test_classes_for_assignments():
-    assert classes_for(4, 10, [3], False).tolist() == [3, 3, 3, 3]
-    assert classes_for(6, 10, [1, 2], False).tolist() == [1, 2, 1, 2, 1, 2]
-    assert classes_for(3, 10, [7, 0, 9], False).tolist() == [7, 0, 9]
-    assert classes_for(20, 10, None, True).tolist() == [c for c in range(10) for _ in range(2)]
-    assert classes_for(3, 3, (), True).dtype == torch.long
+def test_class_labels_assignments():
+    assert class_labels(4, 10, [3], False).tolist() == [3, 3, 3, 3]
+    assert class_labels(6, 10, [1, 2], False).tolist() == [1, 2, 1, 2, 1, 2]
+    assert class_labels(3, 10, [7, 0, 9], False).tolist() == [7, 0, 9]
+    assert class_labels(20, 10, None, True).tolist() == [c for c in range(10) for _ in range(2)]
+    assert class_labels(3, 3, (), True).dtype == torch.long
 
 
 @pytest.mark.parametrize("args, message", [
-    ((8, 10, [12], False), "class 12 is out of range: the classifier knows classes 0..9"),
+    ((8, 10, [12], False, "the classifier"),
+     "class 12 is out of range: the classifier knows classes 0..9"),
     ((8, 10, [-1], False), "class -1 is out of range"),
     ((15, 10, None, True), "multiple of the 10 classes, got --n 15"),
     ((8, 10, [1, 2, 3], False), "3 classes do not divide the 8 samples"),
     ((8, 10, None, False), "--class N (repeatable) or --class-per-row"),
     ((10, 10, [1], True), "not both"),
 ])
-def test_classes_for_errors(args, message):
+def test_class_labels_errors(args, message):
     with pytest.raises(GuidekitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        classes_for(*args)
+        class_labels(*args)
 
 
 # --------------------------------------------------------------------------- training
@@ -285,7 +286,8 @@ def test_guidance_without_classifier_path(guidekit_dpm, tmp_path, capsys):
                    "guidekit train classifier")
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--class", "3",
                        "--out", str(tmp_path / "g.png"))
-    assert_one_line_error(code, err, "unexpected argument")
+    assert_one_line_error(code, err, "this DPM is unconditional and no --guidance steers "
+                          "toward --class")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -295,12 +297,12 @@ def test_guidance_steers_toward_the_class(guidekit_dpm, tiny_clf, sampler):
     dpm, path = load_dpm(guidekit_dpm), str(tiny_clf[0])
     clf = load_classifier(path)
     n = 20
-    y = classes_for(n, 10, None, True)
+    y = class_labels(n, 10, None, True)
 
     def mean_log_p(scale: float) -> float:
-        req = GuidanceRequest("classifier", scale,
-                              options={"classifier": path, "class_per_row": True})
-        x = sample(dpm, n, sampler=sampler, steps=10, seed=3, guidance=[req] if scale else [])
+        req = GuidanceRequest("classifier", scale, options={"classifier": path})
+        x = sample(dpm, n, sampler=sampler, steps=10, seed=3, guidance=[req] if scale else [],
+                   class_per_row=bool(scale))
         return float(predict(clf, x, 0)[torch.arange(n), y].log().mean())
 
     plain, mid, strong = (mean_log_p(s) for s in (0.0, 30.0, 100.0))

@@ -108,8 +108,9 @@ def test_samples_are_those_of_guidekit_sample(models, loaded, sampler):
     n = 10 * PER_CLASS
     unguided = sample(dpm, n, sampler=sampler, steps=3, seed=2)
     request = GuidanceRequest("classifier", 2.0, "constant",
-                              {"classifier": str(models["classifier"]), "class_per_row": True})
-    guided = sample(dpm, n, sampler=sampler, steps=3, seed=2, guidance=[request])
+                              {"classifier": str(models["classifier"])})
+    guided = sample(dpm, n, sampler=sampler, steps=3, seed=2, guidance=[request],
+                    class_per_row=True)
     torch.testing.assert_close(res["samples"][0], unguided)
     torch.testing.assert_close(res["samples"][1], guided)
     assert not torch.equal(res["samples"][0], res["samples"][1])

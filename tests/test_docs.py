@@ -309,9 +309,32 @@ def test_command_lines_in_the_docs_exist(page, words, builtin, ref):
             for spec in registry.specs[kind].values():
                 flags |= {o.flag for o in spec.options}
     assert not hasattr(command, "commands") or "--help" in args, f"{page}: {words} is a group"
+    if words[1:3] == ["convert", "adm"]:  # openai's flags pass through to their own parser
+        args = _openai_flags_checked(args, flags)
     unknown = [a.split("=")[0] for a in args if a.startswith("--")
                and a.split("=")[0] not in flags]
     assert not unknown, f"{page}: {' '.join(words)}: no such option(s) {unknown}"
+
+
+def _openai_flags_checked(args: list[str], own: set[str]) -> list[str]:
+    """guidekit's own options of ``convert adm``, after checking that the rest (bar the
+    weights file) parse as openai's flags do."""
+    from guidekit.convert import parse_openai_flags
+
+    mine, openai, i = [], [], 0
+    while i < len(args):
+        width = 1 if args[i] in ("--force", "--json", "--help") or "=" in args[i] else 2
+        if args[i] in own:
+            mine += args[i:i + width]
+        elif args[i].startswith("--"):
+            openai += args[i:i + width]
+        else:  # the weights file
+            width = 1
+        i += width
+    defaults = mine[mine.index("--defaults") + 1] if "--defaults" in mine else (
+        "guided-diffusion")
+    parse_openai_flags(openai, defaults)
+    return mine
 
 
 @pytest.mark.parametrize("page,code", [

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from guidekit_pdae import pdae_weights
-from guidekit_pdae.guidance import PDAEGuidance, load_latents, save_latents, score_ratio
+from guidekit_pdae.guidance import PDAEGuidance, load_latents, save_latents
 from guidekit_pdae.networks import (
     Encoder,
     EncoderConfig,
@@ -21,6 +21,7 @@ from guidekit_pdae.training import KIND, fingerprint, load_pdae, train_pdae
 
 from guidekit import ops
 from guidekit.ddpm import load_dpm
+from guidekit.engine import Sampler
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm
 from guidekit.lookup import load_dataset
@@ -145,16 +146,32 @@ def test_resume_matches_an_uninterrupted_run(guidekit_dpm, digits, tmp_path):
 # --------------------------------------------------------------------------- guidance
 
 
-def test_score_ratio_turns_g_into_the_trained_eps(tiny_pdae):
-    """DDIM's ε − √(1−ᾱ_t)·(r_t G) equals the trained ε − coef_t·G at every t."""
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_samples_with_the_trained_eps_under_both_samplers(tiny_pdae, sampler):
+    """PDAE guidance (an ε-form shift) steps exactly as a model predicting the training
+    loss's ε̂ = guided_eps(ε_θ, G) would, under DDIM and under DDPM (whose mean is then
+    μ_θ + β̃_t·G, the trained objective, not Σ·r_t·G)."""
     pdae = load_pdae(tiny_pdae)
-    sched = pdae.dpm.schedule
-    tab = sched.tables
-    t = torch.arange(sched.num_steps)
-    eps, g = torch.randn(len(t), 1, 2, 2), torch.randn(len(t), 1, 2, 2)
-    r = ops.at(score_ratio(pdae), t, g)
-    ddim_eps = eps - ops.at(tab["sqrt_one_minus_alphas_cumprod"], t, g) * r * g
-    torch.testing.assert_close(ddim_eps, ops.guided_eps(tab, eps, t, eps, g))
+    x0 = load_dataset("digits", "test").images[:4]
+    z = pdae.encode(x0)
+    tab = pdae.dpm.schedule.tables
+
+    def trained_eps_hat(x, t):
+        eps, g = pdae.model(x, t, z)
+        return ops.guided_eps(tab, x, t, eps, g)
+
+    x_T = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(model, guidance):
+        engine = Sampler(model, pdae.dpm.schedule, steps="ddim5" if sampler == "ddim" else 5)
+        gen = torch.Generator().manual_seed(1)
+        if sampler == "ddim":
+            return engine.ddim(x_T, guidance=guidance)
+        return engine.ddpm(x_T, guidance=guidance, generator=gen)
+
+    guided = run(pdae.dpm.model, [GuidanceTerm(PDAEGuidance(pdae, z), name="pdae")])
+    torch.testing.assert_close(guided, run(trained_eps_hat, []), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(guided, run(pdae.dpm.model, []), atol=1e-3)  # G is not zero
 
 
 def test_guidance_uses_the_samplers_features_and_blends_latents(tiny_pdae):

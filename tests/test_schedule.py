@@ -520,3 +520,56 @@ def test_weight_needs_unrespaced_schedule():
     r = NoiseSchedule.from_config(ScheduleConfig()).respace("ddim50")
     with pytest.raises(GuidekitError):
         timestep_weight(r, "t:0:500")
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def _clip_case():
+    sched = NoiseSchedule.from_config(ScheduleConfig(num_timesteps=100))
+    tab = sched.tables
+    gen = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(4, 1, 3, 3, generator=gen)  # x̂_0 far outside [−1, 1]
+    eps, g = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    k = torch.tensor([10, 40, 70, 99])
+    return tab, x, k, eps, g
+
+
+def test_ddim_clip_orders_follow_their_definitions():
+    """clip-then-guide (guided-diffusion's order): clamp the unguided x̂_0, re-derive ε, shift
+    it, do not clamp again. guide-then-clip: shift, clamp, re-derive. Unguided they agree."""
+    tab, x, k, eps, g = _clip_case()
+    s1m = ops.at(tab["sqrt_one_minus_alphas_cumprod"], k, x)
+    ab_prev = ops.at(tab["alphas_cumprod_prev"], k, x)
+
+    def to_prev(x0, e):
+        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * e
+
+    e1 = ops.eps_from_x0(tab, x, k, ops.predict_x0(tab, x, k, eps).clamp(-1, 1)) - s1m * g
+    first, x0_first = ops.ddim_step(tab, x, k, eps, g, None, 0.0, True, clip_first=True)
+    torch.testing.assert_close(first, to_prev(ops.predict_x0(tab, x, k, e1), e1))
+    assert x0_first.abs().max() > 1  # not clamped a second time
+
+    x0 = ops.predict_x0(tab, x, k, eps - s1m * g).clamp(-1, 1)
+    after, _ = ops.ddim_step(tab, x, k, eps, g, None, 0.0, True, clip_first=False)
+    torch.testing.assert_close(after, to_prev(x0, ops.eps_from_x0(tab, x, k, x0)))
+    assert not torch.allclose(first, after)
+    plain = [ops.ddim_step(tab, x, k, eps, None, None, 0.0, True, clip_first=c)[0]
+             for c in (True, False)]
+    torch.testing.assert_close(plain[0], plain[1])
+
+
+def test_inversion_with_clip_rederives_eps_from_the_clipped_x0():
+    """Like the sampler (and guided-diffusion's and PDAE's encoders), inversion's direction
+    term uses the ε that maps x to the clamped x̂_0, not the model's raw ε."""
+    tab, x, k, eps, _ = _clip_case()
+    ab_cur = ops.at(tab["alphas_cumprod_prev"], k, x)
+    ab_next = ops.at(tab["alphas_cumprod"], k, x)
+    x0 = ((x - (1 - ab_cur).sqrt() * eps) / ab_cur.sqrt()).clamp(-1, 1)
+    eps_clipped = (x - ab_cur.sqrt() * x0) / (1 - ab_cur).sqrt()
+    want = ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps_clipped
+    torch.testing.assert_close(ops.ddim_invert_step(tab, x, k, eps, None, clip=True), want)
+    # At the clean start (ᾱ = 1) x̂_0 is x and the model's ε is kept: no 0/0.
+    start = ops.ddim_invert_step(tab, x.clamp(-1, 1), torch.zeros(4, dtype=torch.long), eps,
+                                 None, clip=True)
+    assert torch.isfinite(start).all()

@@ -185,3 +185,118 @@ def test_compile_fullgraph_matches_eager():
     clf = EncoderUNet(ClassifierConfig(**TINY)).eval()
     with torch.no_grad():
         assert torch.allclose(torch.compile(clf, fullgraph=True)(x, t), clf(x, t), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- ADM coverage
+
+ADM_VARIANTS = [
+    dict(num_head_channels=8),  # per-layer heads: 16 channels → 2 heads, 32 → 4
+    dict(resblock_updown=False),  # stride-2 conv down, nearest + conv up
+    dict(resblock_updown=False, conv_resample=False),  # pooling / nearest, no conv
+    dict(use_scale_shift_norm=False),  # additive time embedding
+    dict(use_new_attention_order=False),  # legacy QKV layout
+    dict(channel_mult=(2, 2)),  # channel_mult[0] ≠ 1: a 32-channel input conv
+    dict(channel_mult=(0.5, 1), model_channels=32),  # fractional widths (openai's 512 model)
+    dict(num_heads=2, num_heads_upsample=1),
+    dict(timestep_scale=0.25),  # improved-diffusion's rescale_timesteps at T = 4000
+    dict(num_classes=5, learn_sigma=True, dropout=0.1),
+]
+
+
+@pytest.mark.parametrize("kw", ADM_VARIANTS)
+def test_adm_variants_build_run_and_round_trip(kw):
+    model = tiny_unet(**kw)
+    perturb_(model)
+    model.eval()
+    cfg = model.config
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    y = torch.tensor([0, 4]) if cfg.num_classes else None
+    out = model(x, t, y)
+    assert out.shape == (2, cfg.out_channels, 8, 8) and torch.isfinite(out).all()
+    back = UNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    assert model.input_blocks[0][0].out_channels == int(cfg.channel_mult[0] * cfg.model_channels)
+
+
+def test_heads_follow_num_head_channels_per_layer():
+    model = tiny_unet(num_head_channels=8)
+    heads = {m.qkv.in_channels: m.num_heads for m in model.modules()
+             if isinstance(m, AttentionBlock)}
+    assert heads == {32: 4}  # attention only at 4 px (32 channels) and the middle
+    wide = tiny_unet(num_head_channels=8, attention_resolutions=(8, 4))
+    assert {m.qkv.in_channels: m.num_heads for m in wide.modules()
+            if isinstance(m, AttentionBlock)} == {16: 2, 32: 4}
+
+
+def test_class_conditioning_needs_and_uses_labels():
+    model = tiny_unet(num_classes=3)
+    perturb_(model)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+    a, b = model(x, t, torch.tensor([0, 0])), model(x, t, torch.tensor([1, 1]))
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(GuidekitError, match="class-conditional"):
+        model(x, t)
+    with pytest.raises(GuidekitError, match="unconditional"):
+        tiny_unet()(x, t, torch.tensor([0, 1]))
+
+
+def test_timestep_scale_embeds_scaled_timesteps():
+    scaled, plain = tiny_unet(timestep_scale=0.25), tiny_unet()
+    perturb_(scaled)
+    plain.load_state_dict(scaled.state_dict())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([400, 3999])
+    torch.testing.assert_close(scaled(x, t), plain(x, t.float() * 0.25))
+
+
+def test_qkv_layouts_differ_only_by_a_channel_permutation():
+    """The legacy layout splits heads before q, k, v: permuting the qkv conv's output
+    channels from the new layout to the legacy one gives the same attention."""
+    torch.manual_seed(0)
+    new, old = AttentionBlock(16, 4, new_order=True), AttentionBlock(16, 4, new_order=False)
+    perturb_(new)
+    # new layout index (three, head, d) → legacy position (head, three, d)
+    idx = torch.arange(48).view(3, 4, 4).permute(1, 0, 2).reshape(-1)
+    state = new.state_dict()
+    state["qkv.weight"], state["qkv.bias"] = state["qkv.weight"][idx], state["qkv.bias"][idx]
+    old.load_state_dict(state)
+    x = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(old(x), new(x))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_classes=4)])
+def test_sdpa_and_written_out_attention_agree(kw):
+    from guidekit.unet import set_attention
+
+    model = tiny_unet(num_head_channels=8, **kw)
+    perturb_(model)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 900])
+    y = torch.tensor([1, 3]) if kw else None
+    fused = model(x, t, y)
+    torch.testing.assert_close(set_attention(model, sdpa=False)(x, t, y), fused,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
+def test_classifier_pools(pool):
+    torch.manual_seed(0)
+    clf = EncoderUNet(ClassifierConfig(**TINY, num_classes=7, pool=pool, num_head_channels=8))
+    perturb_(clf)
+    logits = clf(torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 999]))
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+    with pytest.raises(GuidekitError, match="unknown classifier pool"):
+        ClassifierConfig(**TINY, pool="max")
+
+
+def test_configs_written_before_adm_coverage_keep_their_layout():
+    """guidekit's UNet used to give the input conv model_channels whatever channel_mult[0]
+    was; such a config (no ADM fields) still builds the network its weights fit."""
+    old = {"image_size": 8, "in_channels": 1, "model_channels": 16, "channel_mult": [2, 2],
+           "num_res_blocks": 1, "attention_resolutions": [], "num_heads": 4, "dropout": 0.0,
+           "learn_sigma": False}
+    cfg = UNetConfig.from_dict(old)
+    assert cfg.stem_channels == 16
+    assert UNet(cfg).input_blocks[0][0].weight.shape == (16, 1, 3, 3)
+    assert UNet(UNetConfig.from_dict({**old, "channel_mult": [1, 2]})).input_blocks[0][0].weight \
+        .shape == (16, 1, 3, 3)
+    new = UNetConfig(**{k: v for k, v in old.items() if k != "learn_sigma"})
+    assert new.stem_channels is None and UNet(new).input_blocks[0][0].weight.shape[0] == 32

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from guidekit import __version__
+from guidekit.cli.convert import register as register_convert
 from guidekit.cli.params import EXTRA_ARGS, Device, JSONOut, requests_from_cli
 from guidekit.cli.params import trainer_command as make_trainer_command
 from guidekit.errors import GuidekitError
@@ -21,7 +22,7 @@ from guidekit.options import describe_options
 from guidekit.plugins import CORE_NAME, get_manager, get_registry
 
 err = Console(stderr=True)
-CORE_COMMANDS = ("train", "sample", "plugins", "quickstart")
+CORE_COMMANDS = ("train", "sample", "plugins", "quickstart", "convert")
 # click's exception base, as whichever click typer runs on (typer >= 0.26 ships its own copy)
 _ClickException: type[Exception] = next(
     c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -42,6 +43,14 @@ def sample_command(
     eta: float = typer.Option(0.0, help="DDIM η (0: deterministic)."),
     variance: str = typer.Option("small", help="DDPM Σ when fixed: small (β̃) or large (β)."),
     clip: bool = typer.Option(True, help="Clip x̂_0 to [-1, 1] in each step."),
+    clip_order: str = typer.Option(
+        "clip-then-guide", help="Guided DDIM with --clip: clip-then-guide (guided-diffusion's "
+        "order, the published results') or guide-then-clip."),
+    class_: list[int] = typer.Option(
+        [], "--class", help="Class of a class-conditional DPM (repeat to cycle)."),
+    class_per_row: bool = typer.Option(
+        False, "--class-per-row", help="Class-conditional DPM: one class per block of "
+        "n / num_classes samples."),
     guidance: list[str] = typer.Option([], help="Guidance plugin name (repeatable)."),
     scale: list[float] = typer.Option([], help="Guidance scale (one, or one per --guidance)."),
     guidance_schedule: list[str] = typer.Option(
@@ -66,7 +75,8 @@ def sample_command(
     dpm = load_dpm(checkpoint, device)
     x = sample(
         dpm, n, sampler=sampler, steps=respacing or steps, eta=eta, guidance=requests,
-        seed=seed, clip_x0=clip, variance=variance, compile=compile, progress=not json_out,
+        seed=seed, clip_x0=clip, clip_order=clip_order, variance=variance, classes=class_,
+        class_per_row=class_per_row, compile=compile, progress=not json_out,
     )
     grid = save_image_grid(x.cpu(), out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
     files = save_images(x.cpu(), out_dir) if out_dir else []
@@ -183,6 +193,7 @@ def build_app() -> typer.Typer:
                 epilog=plugin_options_help("guidance", reg.specs["guidance"]))(sample_command)
     app.command("plugins")(plugins_command)
     app.command("quickstart")(quickstart_command)
+    register_convert(app)
     _add_plugin_commands(app)
     return app
 

@@ -15,7 +15,7 @@ The same from Python (``__all__``)::
     evaluate_guidance(dpm, clf, judge, [0, 4, 8])              # guidekit eval guidance
 
 Guided sampling is ``guidekit.sample`` with ``GuidanceRequest("classifier", scale,
-options={"classifier": "runs/clf", "class": [3]})``, or :class:`ClassifierGuidance` in a
+options={"classifier": "runs/clf"}), classes=[3])``, or :class:`ClassifierGuidance` in a
 ``guidekit.GuidanceTerm`` for a ``guidekit.Sampler``.
 """
 
@@ -213,11 +213,10 @@ def quickstart_classifier(ctx: QuickstartContext) -> StepReport:
         config=train_config(QS_JUDGE_TRAIN), progress=ctx.progress, test=test,
     )
     n_classes = train.num_classes
-    request = GuidanceRequest("classifier", QS_SCALE, options={
-        "classifier": str(clf_dir), "class_per_row": True})
+    request = GuidanceRequest("classifier", QS_SCALE, options={"classifier": str(clf_dir)})
     x = sample(load_dpm(ctx.out / "ddpm"), n_classes * QS_PER_CLASS, sampler="ddim",
                steps=5 if ctx.fast else 50, guidance=[request], seed=ctx.seed,
-               progress=ctx.progress)
+               class_per_row=True, progress=ctx.progress)
     grid = save_image_grid(x, clf_dir / "class_grid.png", nrow=QS_PER_CLASS, scale=4)
     target = torch.arange(n_classes).repeat_interleave(QS_PER_CLASS)
     judged = predict(load_classifier(judge_dir, JUDGE_KIND), x).argmax(-1)

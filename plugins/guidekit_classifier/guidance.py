@@ -6,7 +6,7 @@ applies the scale and any ``--guidance-schedule``; this module only supplies g.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,59 +53,20 @@ class ClassifierGuidance:
         return g.to(x_t.dtype)
 
 
-def classes_for(
-    n: int, num_classes: int, classes: Sequence[int] | None, per_row: bool
-) -> Tensor:
-    """The (n,) class of every sample.
-
-    - ``classes`` with one value: that class for all;
-    - several values: cycled in order (their number must equal or divide ``n``);
-    - ``per_row``: class r for the r-th block of n // num_classes consecutive samples.
-    """
-    classes = list(classes or ())
-    if per_row and classes:
-        raise GuidekitError("give --class or --class-per-row, not both")
-    if per_row:
-        if n % num_classes:
-            raise GuidekitError(
-                f"--class-per-row needs the number of samples to be a multiple of the "
-                f"{num_classes} classes, got --n {n}"
-            )
-        return torch.arange(num_classes).repeat_interleave(n // num_classes)
-    if not classes:
-        raise GuidekitError("choose the class to guide toward: --class N (repeatable) or "
-                            "--class-per-row")
-    for c in classes:
-        if not 0 <= c < num_classes:
-            raise GuidekitError(f"class {c} is out of range: the classifier knows classes "
-                                f"0..{num_classes - 1}")
-    if n % len(classes):
-        raise GuidekitError(
-            f"{len(classes)} classes do not divide the {n} samples: give one --class, one per "
-            f"sample, or a number of classes that divides --n"
-        )
-    return torch.tensor(classes, dtype=torch.long).repeat(n // len(classes))
-
-
 def build_classifier_guidance(ctx: GuidanceContext) -> ClassifierGuidance:
-    """Build from ``--classifier PATH`` and ``--class``/``--class-per-row`` (the
-    ``classifier`` guidance of ``guidekit sample``)."""
+    """Build from ``--classifier PATH``, toward the run's ``--class`` / ``--class-per-row``
+    (the ``classifier`` guidance of ``guidekit sample``)."""
     path = ctx.options["classifier"]
     if not path:
         raise GuidekitError(MISSING_CLASSIFIER)
     clf = load_classifier(Path(path), KIND, ctx.device)
     check_compatible(clf, ctx.dpm_config)
-    classes = classes_for(ctx.num_samples, clf.num_classes, ctx.options["class"],
-                          ctx.options["class_per_row"])
+    classes = ctx.target_classes(clf.num_classes, "the classifier")
     return ClassifierGuidance(clf.model, classes.to(ctx.device))
 
 
 GUIDANCE_OPTIONS: tuple[Option, ...] = (
     Option("classifier", str, None, "A classifier checkpoint (`guidekit train classifier`)."),
-    Option("class", int, (), "Class to guide toward (repeat to cycle through several).",
-           multiple=True),
-    Option("class_per_row", bool, False,
-           "One class per block of n / num_classes samples (a class grid)."),
 )
 
 

@@ -82,14 +82,15 @@ def _noise(x0: Tensor, seed: int) -> Tensor:
     return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _shifted(pdae: LoadedPDAE, x0: Tensor, z: Tensor, noise: Tensor, t: int
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_t, t as a (B,) tensor, ε_θ, G) for clean images x0 at timestep t."""
+def _shifted(pdae: LoadedPDAE, x0: Tensor, z: Tensor, noise: Tensor, t: int,
+             y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_t, t as a (B,) tensor, ε_θ, G) for clean images x0 (labels y for a
+    class-conditional DPM) at timestep t."""
     dev = pdae.device
     x0, z, noise = x0.to(dev), z.to(dev), noise.to(dev)
     k = torch.full((len(x0),), t, device=dev, dtype=torch.long)
     x_t = ops.q_sample(pdae.dpm.schedule.tables, x0, k, noise)
-    eps, g = pdae.shift(x_t, k, z)
+    eps, g = pdae.shift(x_t, k, z, None if y is None else y.to(dev))
     return x_t, k, eps.float(), g.float()
 
 
@@ -98,18 +99,22 @@ def _shifted(pdae: LoadedPDAE, x0: Tensor, z: Tensor, noise: Tensor, t: int
 
 @torch.no_grad()
 def posterior_mean_gap(
-    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0
+    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0,
+    y: Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Per t: the mean squared gap per pixel to μ̃(x_t, x_0) of the pre-trained mean μ_θ and
-    of PDAE's μ_θ + β̃_t·G (the "small" Σ, which is the shift PDAE trains), and their ratio."""
+    of PDAE's μ_θ + β̃_t·G (the "small" Σ, which is the shift PDAE trains), and their ratio.
+    ``y``: the images' labels, for a class-conditional DPM."""
     tab = pdae.dpm.schedule.tables
     x0 = x0.to(pdae.device)
     z, noise = pdae.encode(x0), _noise(x0, seed).to(pdae.device)
     rows = []
     for t in timesteps:
         pre = post = 0.0
-        for xb, zb, nb in zip(x0.split(BATCH), z.split(BATCH), noise.split(BATCH), strict=True):
-            x_t, k, eps, g = _shifted(pdae, xb, zb, nb, t)
+        ys = [None] * len(z.split(BATCH)) if y is None else y.split(BATCH)
+        for xb, zb, nb, yb in zip(x0.split(BATCH), z.split(BATCH), noise.split(BATCH), ys,
+                                  strict=True):
+            x_t, k, eps, g = _shifted(pdae, xb, zb, nb, t, yb)
             target = ops.posterior_mean(tab, xb, x_t, k)
             mean = ops.model_mean(tab, x_t, k, eps)
             var, _ = ops.variance(tab, k, x_t, "small")
@@ -163,7 +168,8 @@ def gap_table(rows: list[dict[str, float]], n: int) -> dict[str, list[dict[str, 
 
 @torch.no_grad()
 def one_step_x0(
-    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0
+    pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0,
+    y: Tensor | None = None,
 ) -> dict[str, Any]:
     """x̂_0 from x_t in one step: pre-trained from ε_θ, PDAE from ε̂ = guided_eps(ε_θ, G).
 
@@ -177,7 +183,7 @@ def one_step_x0(
     rows: list[dict[str, float]] = []
     out: dict[str, list[Tensor]] = {"x_t": [], "pretrained": [], "pdae": []}
     for t in timesteps:
-        x_t, k, eps, g = _shifted(pdae, x0, z, noise, t)
+        x_t, k, eps, g = _shifted(pdae, x0, z, noise, t, y)
         pre = ops.predict_x0(tab, x_t, k, eps).clamp(-1, 1)
         post = ops.predict_x0(tab, x_t, k, ops.guided_eps(tab, x_t, k, eps, g)).clamp(-1, 1)
         rows.append({"t": t, "pretrained_mse": _mse01(pre, x0), "pdae_mse": _mse01(post, x0)})

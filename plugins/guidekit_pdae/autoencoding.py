@@ -55,6 +55,7 @@ def load_images(
 def ddim_sampler(pdae: LoadedPDAE, steps: int, clip: bool = False) -> Sampler:
     """DDIM over ``steps`` of the T training steps (``ddimK`` respacing); ``clip`` clamps x̂_0
     (off for inversion and its decode, which must mirror each other)."""
+    pdae.require_unconditional("DDIM inversion and decoding with PDAE")
     return pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=clip)
 
 

@@ -213,8 +213,9 @@ def gap_command(
     """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
-    x0 = first_images(held_out(model, data, image_size=image_size, seed=seed), n)
-    rows = posterior_mean_gap(model, x0, ts, seed=seed)
+    images = held_out(model, data, image_size=image_size, seed=seed)
+    x0 = first_images(images, n)
+    rows = posterior_mean_gap(model, x0, ts, seed=seed, y=model.labels(images, len(x0)))
     plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
                     f"posterior mean gap, {len(x0)} test images")
     report(StepReport(f"plot: {plot}", tables=gap_table(rows, len(x0)),
@@ -238,8 +239,9 @@ def onestep_command(
     """x̂_0 from x_t in one step, pre-trained vs PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
-    x0 = first_images(held_out(model, data, image_size=image_size, seed=seed), n)
-    result = one_step_x0(model, x0, ts, seed=seed)
+    images = held_out(model, data, image_size=image_size, seed=seed)
+    x0 = first_images(images, n)
+    result = one_step_x0(model, x0, ts, seed=seed, y=model.labels(images, len(x0)))
     grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
     summary = {"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
                "grid": str(grid)}

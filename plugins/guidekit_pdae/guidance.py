@@ -22,17 +22,21 @@ from .training import KIND, LoadedPDAE, fingerprint, load_pdae
 LATENT_KEY = "z"
 
 
-def score_ratio(pdae: LoadedPDAE) -> Tensor:
-    """r_t = √α_t (1−ᾱ_{t−1}) / (1−ᾱ_t) for every original timestep, (T,)."""
+def shift_coef(pdae: LoadedPDAE) -> Tensor:
+    """c_t = √α_t (1−ᾱ_{t−1}) / √(1−ᾱ_t) for every original timestep, (T,): PDAE trains
+    ε̂ = ε_θ − c_t·G (``ops.guided_eps``), so c_t·G is its ε-space shift."""
     f = pdae.dpm.schedule.float64
-    r = f["alphas"].sqrt() * (1 - f["alphas_cumprod_prev"]) / (1 - f["alphas_cumprod"])
-    return r.to(torch.float32)
+    c = f["alphas"].sqrt() * (1 - f["alphas_cumprod_prev"]) / (1 - f["alphas_cumprod"]).sqrt()
+    return c.to(torch.float32)
 
 
 class PDAEGuidance:
-    """g = r_t · Σ_i w_i G_ψ(x_t, z_i, t): one latent per sample, or a blend of several
+    """The ε-space shift d = c_t · Σ_i w_i G_ψ(x_t, z_i, t), so every sampler steps with the
+    ε̂ = ε_θ − d that PDAE was trained on: one latent per sample, or a blend of several
     (``weights`` (B, L) over ``latents`` L × (B, D)), as ``pdae interpolate --mode shift``
     needs."""
+
+    form = "eps"
 
     def __init__(
         self, pdae: LoadedPDAE, latents: Tensor | list[Tensor], weights: Tensor | None = None
@@ -44,18 +48,18 @@ class PDAEGuidance:
             if z.ndim != 2 or z.shape[1] != dim:
                 raise GuidekitError(f"PDAE latents must be (N, {dim}), got {tuple(z.shape)}")
         self.weights = weights
-        self.ratio = score_ratio(pdae).to(pdae.device)
+        self.coef = shift_coef(pdae).to(pdae.device)
 
     def __call__(self, inp: StepInput) -> Tensor:
         feats = inp.features
         if feats is None:  # a model without a down path was sampled: run the frozen one
-            feats = self.pdae.model.unet.down(inp.x_t, inp.t)
+            feats = self.pdae.model.unet.down(inp.x_t, inp.t, inp.y)
         total = torch.zeros_like(inp.x_t)
         for i, z in enumerate(self.latents):
             w = 1.0 if self.weights is None else self.weights[:, i].view(
                 -1, *([1] * (inp.x_t.ndim - 1)))
             total = total + w * self.pdae.model.estimator(feats, z.to(inp.x_t.dtype))
-        return ops.at(self.ratio, inp.t, inp.x_t) * total
+        return ops.at(self.coef, inp.t, inp.x_t) * total
 
 
 def save_latents(z: Tensor, path: str | Path, pdae: LoadedPDAE) -> Path:

@@ -325,6 +325,7 @@ def decode_latents(
 ) -> Tensor:
     """Images (n, C, H, W) in [−1, 1] from latents (n, D): DDIM from random x_T on the frozen
     DPM with the PDAE guidance (G_ψ toward z) at ``scale``."""
+    pdae.require_unconditional("pdae sample")
     _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
     device = pdae.device
     engine = pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=True)

@@ -18,11 +18,10 @@ from torch import Tensor, nn
 from guidekit import GuidekitError, UNetConfig
 from guidekit.config import ConfigMixin
 from guidekit.unet import (
-    AttentionBlock,
     DownFeatures,
-    EmbedSequential,
-    ResBlock,
     UNet,
+    build_middle_block,
+    build_output_blocks,
     conv3x3,
     down_path_channels,
     normalization,
@@ -107,27 +106,12 @@ class GradientEstimator(nn.Module):
     def __init__(self, config: EstimatorConfig) -> None:
         super().__init__()
         self.config = config
-        cfg, zd = config.unet, config.latent_dim
-        mc, emb = cfg.model_channels, 4 * cfg.model_channels
+        cfg, zd, emb = config.unet, config.latent_dim, 4 * config.unet.model_channels
         skip_chs, ch = down_path_channels(cfg)
-        self.middle = EmbedSequential(
-            ResBlock(ch, emb, ch, cfg.dropout, cond_channels=zd),
-            AttentionBlock(ch, cfg.num_heads),
-            ResBlock(ch, emb, ch, cfg.dropout, cond_channels=zd),
-        )
-        self.up = nn.ModuleList()
-        levels = list(enumerate(zip(cfg.channel_mult, cfg.resolutions, strict=True)))
-        for level, (mult, res) in reversed(levels):
-            for i in range(cfg.num_res_blocks + 1):
-                layers: list[nn.Module] = [
-                    ResBlock(ch + skip_chs.pop(), emb, mc * mult, cfg.dropout, cond_channels=zd)
-                ]
-                ch = mc * mult
-                if res in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, cfg.num_heads))
-                if level > 0 and i == cfg.num_res_blocks:
-                    layers.append(ResBlock(ch, emb, ch, cfg.dropout, up=True, cond_channels=zd))
-                self.up.append(EmbedSequential(*layers))
+        # The UNet's own builders with z added to every ResBlock: the same widths, heads,
+        # resampling and time conditioning as the frozen middle and up path it mirrors.
+        self.middle = build_middle_block(cfg, ch, emb, cond_channels=zd)
+        self.up, ch = build_output_blocks(cfg, skip_chs, ch, emb, cond_channels=zd)
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, cfg.in_channels))
         )
@@ -140,12 +124,13 @@ class GradientEstimator(nn.Module):
 
 
 class PDAEModel(nn.Module):
-    """The frozen ε_θ with E_φ and G_ψ: ``forward(x_t, t, z) -> (ε_θ, G)`` in one pass."""
+    """The frozen ε_θ with E_φ and G_ψ: ``forward(x_t, t, z[, y]) -> (ε_θ, G)`` in one pass.
+
+    A learned-Σ DPM's variance channels are dropped (PDAE shifts ε only); a class-conditional
+    one takes each image's label ``y``."""
 
     def __init__(self, unet: UNet, encoder: Encoder, estimator: GradientEstimator) -> None:
         super().__init__()
-        if unet.config.learn_sigma:
-            raise GuidekitError("PDAE needs a fixed-variance DPM (learn_sigma=False)")
         self.unet = unet.eval().requires_grad_(False)
         self.encoder = encoder
         self.estimator = estimator
@@ -155,12 +140,16 @@ class PDAEModel(nn.Module):
         self.unet.eval()  # frozen: never in training mode
         return self
 
-    def frozen_forward(self, x_t: Tensor, t: Tensor) -> tuple[Tensor, DownFeatures]:
+    def frozen_forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, DownFeatures]:
         """ε_θ and the down-path features, without autograd."""
         with torch.no_grad():
-            feats = self.unet.down(x_t, t)
-            return self.unet.middle_up(feats), feats
+            feats = self.unet.down(x_t, t, y)
+            return self.unet.middle_up(feats)[:, : x_t.shape[1]], feats
 
-    def forward(self, x_t: Tensor, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        eps, feats = self.frozen_forward(x_t, t)
+    def forward(
+        self, x_t: Tensor, t: Tensor, z: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        eps, feats = self.frozen_forward(x_t, t, y)
         return eps, self.estimator(feats, z)

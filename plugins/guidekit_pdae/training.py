@@ -102,9 +102,15 @@ class PDAETask:
                           device=x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         x_t = ops.q_sample(tab, x0, t, noise)
+        y = None
+        if self.unet.config.num_classes is not None:  # a class-conditional DPM
+            if labels is None:
+                raise GuidekitError("the DPM is class-conditional: PDAE trains it on "
+                                    "labelled data (each image's class conditions ε_θ)")
+            y = labels
         with torch.no_grad():  # the frozen down path runs once and feeds both heads
-            feats = self.unet.down(x_t, t)
-            eps = self.unet.middle_up(feats)
+            feats = self.unet.down(x_t, t, y)
+            eps = self.unet.middle_up(feats)[:, : x0.shape[1]]  # ε only, if Σ is learned
         g = nets["estimator"](feats, nets["encoder"](x0))
         eps_hat = ops.guided_eps(tab, x_t, t, eps.float(), g.float())
         return (self.weights.to(x0.device)[t] * per_sample_mse(eps_hat, noise)).mean()
@@ -135,9 +141,10 @@ def train_pdae(
     if not isinstance(dpm.model, UNet):
         raise GuidekitError(f"PDAE needs a UNet DPM; {pretrained} holds "
                             f"'{dpm.config['model']['name']}'")
-    if dpm.model.config.learn_sigma:
-        raise GuidekitError(f"PDAE needs a fixed-variance DPM; {pretrained} learns Σ")
     check_data(dpm, data, str(pretrained))
+    if dpm.model.config.num_classes is not None and data.labels is None:
+        raise GuidekitError(f"the DPM at {pretrained} is class-conditional: train PDAE on "
+                            "labelled data (each image's class conditions ε_θ)")
     config = config or TrainConfig()
     weights = weighting_table(weighting, dpm.schedule, weighting_options)
     c, s, _ = dpm.image_shape
@@ -231,9 +238,32 @@ class LoadedPDAE:
                           for b in x0.split(ENCODE_BATCH)])
 
     @torch.no_grad()
-    def shift(self, x_t: Tensor, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(ε_θ, G_ψ) at x_t, original timesteps t, latent z."""
-        return self.model(x_t, t, z)
+    def shift(
+        self, x_t: Tensor, t: Tensor, z: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(ε_θ, G_ψ) at x_t, original timesteps t, latent z (and class labels y for a
+        class-conditional DPM)."""
+        return self.model(x_t, t, z, y)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the frozen DPM is class-conditional."""
+        return self.model.unet.config.num_classes is not None
+
+    def labels(self, images: ImageData, n: int | None = None) -> Tensor | None:
+        """The labels of the first ``n`` images for a class-conditional DPM (else None)."""
+        if not self.conditional:
+            return None
+        if images.labels is None:
+            raise GuidekitError(f"the DPM is class-conditional: '{images.name}' has no labels "
+                                "to condition it on")
+        return images.labels[:n].to(self.device)
+
+    def require_unconditional(self, what: str) -> None:
+        """A one-line error for commands not yet carrying labels through."""
+        if self.conditional:
+            raise GuidekitError(f"{what} does not support a class-conditional DPM yet: the "
+                                "PDAE of one trains and runs pdae gap / onestep")
 
 
 def load_pdae(
