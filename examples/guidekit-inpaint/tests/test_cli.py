@@ -97,7 +97,8 @@ def test_a_named_mask_and_the_residual_norm(cli, pair: Path, guidekit_dpm,
     for name, guide in {"plain": [], "guided": [
         "--guidance", "inpaint", "--image", pair / "image.png", "--mask", "border",
         "--inpaint-norm", "residual"]}.items():
-        result = cli("sample", "--checkpoint", guidekit_dpm, "--steps", "4", "--n", "4", *guide,
+        result = cli("sample", "--checkpoint", guidekit_dpm, "--steps", "4", "--n", "4",
+                     "--clip-order", "guide-then-clip", *guide,
                      "--out", tmp_path / f"{name}.png", "--out-dir", tmp_path / name)
         assert result.code == 0, result.err
         images = [pixels(p) / 255 for p in sorted((tmp_path / name).glob("*.png"))]

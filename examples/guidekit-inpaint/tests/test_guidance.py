@@ -158,7 +158,8 @@ def test_guidance_keeps_the_known_pixels_of_an_analytic_model(
     mean = torch.rand(1, 1, 8, 8) - 0.5
     y = (mean + 0.5 * torch.randn(1, 1, 8, 8)).clamp(-1, 1)
     m = named_mask("left", 8)
-    engine = Sampler(GaussianEps(mean, 0.5), full_schedule(), steps=steps, clip_x0=True)
+    engine = Sampler(GaussianEps(mean, 0.5), full_schedule(), steps=steps, clip_x0=True,
+                     clip_order="guide-then-clip")
     run = engine.ddim if sampler == "ddim" else engine.ddpm
 
     def draw(terms: list[GuidanceTerm]) -> Tensor:
@@ -175,7 +176,8 @@ def test_guidance_keeps_the_known_region_on_the_tiny_dpm(guidekit_dpm, guidekit_
     from guidekit.ddpm import load_dpm
 
     guidekit_plugins("inpaint")
-    # DDIM clips x̂_0, which keeps even this barely trained DPM's guided steps bounded
+    # DDIM clips the shifted x̂_0, which keeps even this barely trained DPM's guided steps
+    # bounded
     result = evaluate_inpainting(load_dpm(guidekit_dpm), None, n=8, steps=10, norm="sigma",
                                  sigmas=(0.1,))
     unguided, guided = result["rows"]

@@ -60,7 +60,9 @@ def inpaint(
     DDPM); ``None`` keeps all T steps. Every call with one seed starts from the same x_T.
     A run whose guidance goes non-finite (diverges) is a one-line GuidekitError."""
     device = next(iter(dpm.model.parameters())).device
-    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True)
+    # Clamp the shifted x̂_0: the pull toward the reference is only bounded so under DDIM.
+    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True,
+                         clip_order="guide-then-clip")
     terms = [] if scale == 0 else [GuidanceTerm(
         InpaintGuidance(image.to(device), mask.to(device), sigma, norm), scale, name=NAME)]
     gen = torch.Generator(device).manual_seed(seed)
