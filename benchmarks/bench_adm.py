@@ -430,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
                 variants = ["eager sdpa", "eager plain"] + (["compiled sdpa"] if compile_ok
                                                             else [])
                 if not args.no_compile and not compile_ok:
-                    where = ",".join(map(str, spec.compile_batches or ())) or "no batch"
+                    where = ",".join(map(str, spec.compile_batches or ()))
+                    where = f"batch {where}" if where else "no batch"
                     skipped.append(f"{name} batch {batch}: torch.compile (default: compiled at "
-                                   f"{where}, to keep the default run within ~15 min on 2 "
+                                   f"{where} only, to keep the default run within ~15 min on 2 "
                                    "cores; --compile-all enables it)")
             console.print(f"[dim]timing {name} at batch {batch} ...[/]")
             row = bench_batch(spec, model, batch, repeats, variants, console)

@@ -55,18 +55,18 @@ def guidekit_guidances() -> list[GuidanceSpec]:
     Return a list of :class:`~guidekit.specs.GuidanceSpec`. At sampling time the engine calls
     ``spec.build(ctx)`` once with a :class:`~guidekit.specs.GuidanceContext` (the DPM, its
     schedule, the batch size, and the value of every option in ``spec.options``); the returned
-    callable gets a :class:`~guidekit.guidance.StepInput` at every step and returns
-    g ≈ ∇_{x_t} log p(c | x_t), a tensor of x_t's shape, dtype and device. The engine scales
-    g and folds it in as the mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g). A
-    callable with the attribute ``form = "eps"`` returns an ε-space shift d instead, applied
-    as ε̂ = ε − s·d before the step in both samplers (for a network trained on ε̂, as PDAE's
-    G_ψ is). ``ctx.target_classes(num_classes)`` gives the run's ``--class`` per sample, for
-    a guidance that steers toward a class. ``spec.options`` are :class:`~guidekit.options.Option` declarations: on the command line
-    they follow ``--guidance NAME``; ``ctx.options`` holds each one's value by name, its
-    declared default when the caller (CLI or Python) left it out. A g that is not such a
-    tensor, or is ever NaN or infinite, stops sampling with one line naming the guidance;
-    ``build`` raising :class:`~guidekit.errors.GuidekitError` is a user mistake shown as is,
-    any other exception a one-line plugin failure.
+    callable gets a :class:`~guidekit.guidance.StepInput` at every step and returns g ≈ ∇_{x_t}
+    log p(c | x_t), a tensor of x_t's shape, dtype and device. The engine scales g and folds it
+    in as the mean shift (DDPM: μ + s·Σ·g; DDIM: ε̂ = ε − s·√(1−ᾱ_t)·g). A callable with the
+    attribute ``form = "eps"`` returns an ε-space shift d instead, applied as ε̂ = ε − s·d
+    before the step in both samplers (for a network trained on ε̂, as PDAE's G_ψ is).
+    ``ctx.target_classes(num_classes)`` gives the run's ``--class`` per sample, for a guidance
+    that steers toward a class. ``spec.options`` are :class:`~guidekit.options.Option`
+    declarations: on the command line they follow ``--guidance NAME``; ``ctx.options`` holds
+    each one's value by name, its declared default when the caller (CLI or Python) left it out.
+    A g that is not such a tensor, or is ever NaN or infinite, stops sampling with one line
+    naming the guidance; ``build`` raising :class:`~guidekit.errors.GuidekitError` is a user
+    mistake shown as is, any other exception a one-line plugin failure.
 
     Example: pull every x̂_0 toward a constant grey level::
 
