@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from bench_step import cpu_model  # this folder is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -277,17 +278,6 @@ def bench_batch(spec: Spec, model: torch.nn.Module, batch: int, repeats: int,
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt_s(x: float | None) -> str:

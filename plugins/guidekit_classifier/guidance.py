@@ -61,8 +61,7 @@ def build_classifier_guidance(ctx: GuidanceContext) -> ClassifierGuidance:
         raise GuidekitError(MISSING_CLASSIFIER)
     clf = load_classifier(Path(path), KIND, ctx.device)
     check_compatible(clf, ctx.dpm_config)
-    classes = ctx.target_classes(clf.num_classes, "the classifier")
-    return ClassifierGuidance(clf.model, classes.to(ctx.device))
+    return ClassifierGuidance(clf.model, ctx.target_classes(clf.num_classes, "the classifier"))
 
 
 GUIDANCE_OPTIONS: tuple[Option, ...] = (

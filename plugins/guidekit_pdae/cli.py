@@ -196,6 +196,13 @@ def manipulate_command(
 # --------------------------------------------------------------------------- analysis
 
 
+def _first_held_out(model, data: str, n: int, image_size: int | None, seed: int):
+    """The first ``n`` test images and, for a class-conditional DPM, their labels."""
+    images = held_out(model, data, image_size=image_size, seed=seed)
+    x0 = first_images(images, n)
+    return x0, model.labels(images, len(x0))
+
+
 @pdae_app.command("gap")
 def gap_command(
     pdae: Path = PDAE_OPT,
@@ -213,9 +220,8 @@ def gap_command(
     """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
-    images = held_out(model, data, image_size=image_size, seed=seed)
-    x0 = first_images(images, n)
-    rows = posterior_mean_gap(model, x0, ts, seed=seed, y=model.labels(images, len(x0)))
+    x0, y = _first_held_out(model, data, n, image_size, seed)
+    rows = posterior_mean_gap(model, x0, ts, seed=seed, y=y)
     plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
                     f"posterior mean gap, {len(x0)} test images")
     report(StepReport(f"plot: {plot}", tables=gap_table(rows, len(x0)),
@@ -239,9 +245,8 @@ def onestep_command(
     """x̂_0 from x_t in one step, pre-trained vs PDAE."""
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
-    images = held_out(model, data, image_size=image_size, seed=seed)
-    x0 = first_images(images, n)
-    result = one_step_x0(model, x0, ts, seed=seed, y=model.labels(images, len(x0)))
+    x0, y = _first_held_out(model, data, n, image_size, seed)
+    result = one_step_x0(model, x0, ts, seed=seed, y=y)
     grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
     summary = {"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
                "grid": str(grid)}
