@@ -107,6 +107,21 @@ def save_checkpoint(
     return d
 
 
+def diffusers_folder(path: Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline or model folder (``model_index.json``, or a
+    small ``config.json`` that names a diffusers version) rather than a guidekit checkpoint."""
+    if (path / "model_index.json").is_file():
+        return True
+    cfg = path / CONFIG
+    try:
+        if not cfg.is_file() or cfg.stat().st_size > 1 << 20:
+            return False
+        d = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(d, dict) and "_diffusers_version" in d and "kind" not in d
+
+
 def _read_config(d: Path) -> dict[str, Any]:
     try:
         return json.loads((d / CONFIG).read_text())
@@ -167,12 +182,15 @@ def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None)
     if not d.exists():
         hint = f" (train one with `guidekit train {kinds[0]} --out {d}`)" if kinds else ""
         raise CheckpointError(f"no checkpoint at {d}{hint}")
+    if d.is_dir() and diffusers_folder(d):
+        raise CheckpointError(f"{d} is a diffusers model folder: convert it once with "
+                              f"`guidekit convert diffusers {d} --out DIR`, then give DIR")
     if not d.is_dir() or not (d / CONFIG).exists():
         raise CheckpointError(
             f"{d} is not a guidekit checkpoint (no {CONFIG}); expected {what} directory"
         )
     cfg = _read_config(d)
-    if "kind" not in cfg or "files" not in cfg:
+    if not isinstance(cfg, dict) or "kind" not in cfg or "files" not in cfg:
         raise CheckpointError(f"{d / CONFIG} is not a guidekit checkpoint config")
     if kinds and cfg["kind"] not in kinds:
         raise CheckpointError(

@@ -407,7 +407,8 @@ def _load(model: Any, sd: dict[str, Any], classifier: bool, pool: str, source: s
 # --------------------------------------------------------------------------- writing
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
+    """A one-line error unless ``out`` is new, empty, or a checkpoint ``force`` replaces."""
     from guidekit.checkpoint import CONFIG
 
     if out.exists() and not out.is_dir():
@@ -421,8 +422,10 @@ def _check_out(out: Path, force: bool) -> None:
                             "give an empty or new --out")
 
 
-def _write(out: Path, kind: str, name: str, model: Any, schedule: Any, num_classes: Any,
-           converted_from: dict[str, Any]) -> Path:
+def write_converted(out: Path, kind: str, name: str, model: Any, schedule: Any,
+                    num_classes: Any, converted_from: dict[str, Any],
+                    sampling: dict[str, Any] | None = None) -> Path:
+    """Write a converted model as a guidekit checkpoint (EMA role only, step 0)."""
     from guidekit.checkpoint import save_checkpoint
     from guidekit.unet import count_parameters
 
@@ -435,6 +438,8 @@ def _write(out: Path, kind: str, name: str, model: Any, schedule: Any, num_class
                  "channels": cfg.in_channels, "num_classes": num_classes},
         "converted_from": converted_from,
     }
+    if sampling:
+        config["sampling"] = sampling
     tensors = {"model." + k: v for k, v in model.state_dict().items()}
     return save_checkpoint(out, config, {"ema": tensors}, step=0)
 
@@ -454,7 +459,7 @@ def convert_adm(weights: str | Path, out: str | Path, flags: list[str] | None = 
     if parsed["predict_xstart"]:
         raise GuidekitError("--predict_xstart True: guidekit samples ε-predicting models "
                             "only; x_0-predicting models cannot be converted")
-    _check_out(out, force)
+    check_out(out, force)
     sd = read_state_dict(weights)
     classifier = not any(k.startswith("output_blocks.") for k in sd)
     clf_flags = sorted(g for g in given if g.startswith("classifier_") and g not in (
@@ -474,9 +479,9 @@ def convert_adm(weights: str | Path, out: str | Path, flags: list[str] | None = 
         record["note"] = (f"attention resolutions {dropped} never occur in this model "
                           "(openai's code ignores them) and were dropped")
     if classifier:
-        return _write(out, "classifier", "encoder_unet", model, _schedule(parsed),
+        return write_converted(out, "classifier", "encoder_unet", model, _schedule(parsed),
                       cfg.num_classes, record)
-    return _write(out, "ddpm", "unet", model, _schedule(parsed), cfg.num_classes, record)
+    return write_converted(out, "ddpm", "unet", model, _schedule(parsed), cfg.num_classes, record)
 
 
 # --------------------------------------------------------------------------- PDAE
@@ -567,10 +572,10 @@ def convert_pdae(checkpoint: str | Path, config_yml: str | Path | None, out: str
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise GuidekitError(f"--image-size must be a positive integer, got {image_size!r}")
     cfg, schedule = _pdae_config(config_yml, image_size)
-    _check_out(out, force)
+    check_out(out, force)
     sd = read_state_dict(checkpoint, entry="ema_denoise_fn")
     model = UNet(cfg)
     _load(model, sd, False, "", checkpoint.name, pdae_config=config_yml.name)
     record = {"format": "pdae", "file": checkpoint.name, "config": config_yml.name,
               "image_size": image_size}
-    return _write(out, "ddpm", "unet", model, schedule, cfg.num_classes, record)
+    return write_converted(out, "ddpm", "unet", model, schedule, cfg.num_classes, record)

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from guidekit import lookup, ops
 from guidekit import trainer_options as opt
 from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
+from guidekit.config import ConfigMixin
 from guidekit.data import ImageData, save_image_grid
 from guidekit.distributed import resolve_device
-from guidekit.engine import Sampler
+from guidekit.engine import VARIANCES, Sampler
 from guidekit.errors import GuidekitError
 from guidekit.lookup import build_model, load_dataset, weighting_table
 from guidekit.options import Option
-from guidekit.schedule import NoiseSchedule, ScheduleConfig
+from guidekit.schedule import SPACINGS, NoiseSchedule, ScheduleConfig
 from guidekit.specs import StepReport, TrainerContext
 from guidekit.training import TrainConfig, fit
 from guidekit.unet import UNet, UNetConfig
@@ -28,6 +29,7 @@ __all__ = [
     "DDPM_OPTIONS",
     "DPM",
     "KIND",
+    "SamplingDefaults",
     "data_meta",
     "ddpm_trainer",
     "load_dpm",
@@ -98,6 +100,27 @@ def data_meta(data: ImageData) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class SamplingDefaults(ConfigMixin):
+    """How a DPM samples when the caller does not say (``config.json``'s ``"sampling"``):
+    a converted diffusers model keeps its scheduler's ``clip_sample``, ``variance_type`` and
+    ``timestep_spacing``; guidekit's own DPMs have none and take these defaults."""
+
+    clip_x0: bool = True
+    variance: str = "small"
+    spacing: str | None = None  # None: leading for DDIM, linspace for DDPM
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.clip_x0, bool):
+            raise GuidekitError(f"sampling.clip_x0 must be true or false, got {self.clip_x0!r}")
+        if self.variance not in VARIANCES:
+            raise GuidekitError(f"sampling.variance must be one of {', '.join(VARIANCES)}, "
+                                f"got {self.variance!r}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise GuidekitError(f"sampling.spacing must be one of {', '.join(SPACINGS)}, "
+                                f"got {self.spacing!r}")
+
+
 @dataclass
 class DPM:
     """A trained noise predictor with its schedule, ready to sample."""
@@ -117,6 +140,15 @@ class DPM:
         d = self.config["data"]
         return d["channels"], d["image_size"], d["image_size"]
 
+    @property
+    def defaults(self) -> SamplingDefaults:
+        """Clipping, fixed Σ and step spacing when a command gives none."""
+        d = self.config.get("sampling", {})
+        if not isinstance(d, dict):
+            raise GuidekitError(f"{self.checkpoint.path}: config.json's 'sampling' must be an "
+                                "object")
+        return SamplingDefaults.from_dict(d)
+
     def sampler(self, **kwargs: Any) -> Sampler:
         """A :class:`~guidekit.engine.Sampler` over this model and schedule (``steps="ddim50"``,
         ``clip_x0``, ... as keyword arguments)."""
@@ -132,7 +164,9 @@ def load_dpm(path: str | Path, device: str | torch.device = "cpu", role: str = "
     load_weights(model, ckpt.module_tensors(role, "model"), str(path))
     model.to(device).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
-    return DPM(model, schedule.to(device), ckpt)
+    dpm = DPM(model, schedule.to(device), ckpt)
+    dpm.defaults  # noqa: B018 -- a bad "sampling" entry fails here, in one line
+    return dpm
 
 
 def sample_grid(

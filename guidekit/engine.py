@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from guidekit import ops
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm, StepInput, check_finite, compose
-from guidekit.schedule import NoiseSchedule
+from guidekit.schedule import NoiseSchedule, spacing_spec
 
 __all__ = [
     "CLIP_ORDERS",
@@ -53,16 +53,19 @@ class SplitModel(Protocol):
 Steps = int | str | Sequence[int] | None
 
 
-def respacing(sampler: str, steps: Steps) -> Steps:
-    """The one step-count rule: an int K means ``"ddimK"`` spacing for DDIM and K evenly
-    spaced steps for DDPM; a string or a list is a respacing spec as given; None keeps all
-    T steps."""
+def respacing(sampler: str, steps: Steps, spacing: str | None = None) -> Steps:
+    """The one step-count rule: an int K takes K steps laid out by ``spacing`` (``leading``,
+    ``linspace`` or ``trailing``, diffusers' names); without one, ``"ddimK"`` (leading) for
+    DDIM and even (linspace) for DDPM. A string or a list is a respacing spec as given; None
+    keeps all T steps."""
     check_sampler(sampler)
     if isinstance(steps, bool):
         raise GuidekitError(f"steps must be a count or a respacing spec, got {steps!r}")
     if isinstance(steps, int):
         if steps < 1:
             raise GuidekitError(f"--steps must be >= 1, got {steps}")
+        if spacing is not None:
+            return spacing_spec(spacing, steps)
         return f"ddim{steps}" if sampler == "ddim" else steps
     return steps
 

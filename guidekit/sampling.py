@@ -98,9 +98,10 @@ def sample(
     eta: float = 0.0,
     guidance: Sequence[GuidanceRequest] = (),
     seed: int = 0,
-    clip_x0: bool = True,
+    clip_x0: bool | None = None,
     clip_order: str = "clip-then-guide",
-    variance: str = "small",
+    variance: str | None = None,
+    spacing: str | None = None,
     classes: Sequence[int] = (),
     class_per_row: bool = False,
     compile: bool = False,
@@ -108,8 +109,11 @@ def sample(
 ) -> Tensor:
     """Draw ``n`` images in [−1, 1] from ``dpm``, guided by ``guidance``.
 
-    ``steps``: an int respaces to that many steps ("ddimK" spacing for DDIM, even spacing for
-    DDPM), a string is any respacing spec, None keeps all T steps. ``classes`` /
+    ``steps``: an int respaces to that many steps, laid out by ``spacing`` (``leading``,
+    ``linspace`` or ``trailing``); a string is any respacing spec, None keeps all T steps.
+    ``clip_x0``, ``variance`` and ``spacing`` left as None take the DPM's defaults
+    (:class:`~guidekit.ddpm.SamplingDefaults`: a converted diffusers model's scheduler
+    choices; else clipping on, β̃, and leading for DDIM / linspace for DDPM). ``classes`` /
     ``class_per_row``: the class of every sample (see :func:`class_labels`): it conditions a
     class-conditional DPM, and class guidances (the classifier's) steer toward it. A run that
     diverges (non-finite samples) is a one-line :class:`~guidekit.errors.GuidekitError`,
@@ -118,8 +122,11 @@ def sample(
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
     device = next(iter(dpm.model.parameters())).device
-    engine = dpm.sampler(steps=respacing(sampler, steps), variance=variance, clip_x0=clip_x0,
-                         clip_order=clip_order, compile=compile)
+    d = dpm.defaults
+    engine = dpm.sampler(
+        steps=respacing(sampler, steps, spacing or d.spacing),
+        variance=variance or d.variance, clip_x0=d.clip_x0 if clip_x0 is None else clip_x0,
+        clip_order=clip_order, compile=compile)
     classes = tuple(classes or ())
     y = dpm_classes(dpm, n, classes, class_per_row)
     if y is None and not guidance and (classes or class_per_row):

@@ -11,42 +11,68 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
 __all__ = [
+    "SPACINGS",
     "NoiseSchedule",
     "ScheduleConfig",
     "make_betas",
     "space_timesteps",
+    "spacing_spec",
 ]
 
 
-_KINDS = ("linear", "cosine")
+_KINDS = ("linear", "cosine", "given")
+# diffusers' names for where K of the T steps go: "leading" is guidekit's "ddimK" (0, s, 2s,
+# ... with s = T // K), "linspace" its even spacing "K", "trailing" counts back from T − 1.
+SPACINGS = ("leading", "linspace", "trailing")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig(ConfigMixin):
-    """How β_t is laid out over the T training steps."""
+    """How β_t is laid out over the T training steps: ``linear`` (DDPM, scaled so any T spans
+    the range of T = 1000), ``cosine`` (improved DDPM), or ``given`` (``betas`` as listed: a
+    converted diffusers model's, taken exactly as its scheduler computes them)."""
 
     kind: str = "linear"
     num_timesteps: int = 1000
     beta_start: float = 1e-4  # linear only
     beta_end: float = 0.02  # linear only
+    betas: tuple[float, ...] = ()  # given only
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             choices = ", ".join(_KINDS)
             raise GuidekitError(f"unknown schedule '{self.kind}': choose one of {choices}")
-        if self.num_timesteps < 1:
-            raise GuidekitError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or (
+                self.num_timesteps < 1):
+            raise GuidekitError(f"num_timesteps must be an integer >= 1, got "
+                                f"{self.num_timesteps!r}")
+        if not isinstance(self.betas, (list, tuple)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
+            raise GuidekitError("schedule betas must be a list of numbers")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if (self.kind == "given") != bool(self.betas):
+            raise GuidekitError("a 'given' schedule lists its betas, and only it does")
+        if self.betas and len(self.betas) != self.num_timesteps:
+            raise GuidekitError(f"the schedule lists {len(self.betas)} betas for "
+                                f"num_timesteps={self.num_timesteps}")
+        if self.betas and not all(0 < b < 1 for b in self.betas):
+            raise GuidekitError("schedule betas must lie in (0, 1); a zero-terminal-SNR "
+                                "schedule (β_T = 1) is not supported")
 
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
-    """β_1..β_T in float64: linear (DDPM) or cosine (improved DDPM, β capped at 0.999)."""
+    """β_1..β_T in float64: linear (DDPM), cosine (improved DDPM, β capped at 0.999) or the
+    given list."""
     T = config.num_timesteps
+    if config.kind == "given":
+        return torch.tensor(config.betas, dtype=torch.float64)
     if config.kind == "linear":
         # Scaled so that any T spans the same noise range as T=1000 (as in improved DDPM).
         scale = 1000 / T
@@ -154,8 +180,11 @@ class NoiseSchedule:
 def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list[int]:
     """Which original steps a respaced schedule keeps, sorted.
 
-    - ``"ddimK"``: K steps with an integer stride, as in DDIM (0, s, 2s, ...).
-    - ``K`` or ``"K"``: K steps spread evenly over [0, T-1], ending at T-1.
+    - ``"ddimK"``: K steps with an integer stride, as in DDIM (0, s, 2s, ...); diffusers'
+      ``"leading"`` spacing.
+    - ``K`` or ``"K"``: K steps spread evenly over [0, T-1], ending at T-1, rounded as
+      numpy rounds ``linspace`` (diffusers' ``"linspace"`` spacing).
+    - ``"trailingK"``: diffusers' ``"trailing"`` spacing, round(T, T − T/K, ...) − 1.
     - ``"a,b,c"``: split the T steps into sections and take a, b, c evenly spaced steps from
       each (guided-diffusion's convention).
     - a list of ints: exactly those steps.
@@ -170,12 +199,20 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list
                 raise GuidekitError(f"cannot take {k} DDIM steps out of {T}: choose 1..{T}")
             stride = T // k
             return list(range(0, stride * k, stride))
+        m = re.fullmatch(r"trailing(\d+)", s)
+        if m:
+            k = int(m.group(1))
+            if not 1 <= k <= T:
+                raise GuidekitError(f"cannot take {k} trailing steps out of {T}: choose 1..{T}")
+            # diffusers' own expression, so the steps agree with it to the last rounding.
+            steps = np.round(np.arange(T, 0, -T / k)).astype(np.int64) - 1
+            return sorted(set(int(v) for v in steps))
         try:
             parts = [int(p) for p in s.split(",")]
         except ValueError:
             raise GuidekitError(
-                f"bad step spec '{spec}': use 'ddimK', a count like '50', or section counts "
-                "like '10,20'"
+                f"bad step spec '{spec}': use 'ddimK', 'trailingK', a count like '50', or "
+                "section counts like '10,20'"
             ) from None
         if len(parts) == 1:
             return _even(T, parts[0])
@@ -192,8 +229,16 @@ def _even(T: int, k: int) -> list[int]:
     if not 1 <= k <= T:
         raise GuidekitError(f"cannot take {k} steps out of {T}: choose 1..{T}")
     if k == 1:
-        return [T - 1]
-    return sorted({round(i * (T - 1) / (k - 1)) for i in range(k)})
+        return [T - 1]  # one step starts from noise, at T − 1 (diffusers' linspace takes 0)
+    # numpy's linspace and round-half-to-even, as diffusers computes its "linspace" steps.
+    return sorted(set(int(v) for v in np.linspace(0, T - 1, k).round()))
+
+
+def spacing_spec(spacing: str, k: int) -> str:
+    """The respacing spec of K steps laid out as diffusers' ``spacing`` names it."""
+    if spacing not in SPACINGS:
+        raise GuidekitError(f"unknown spacing '{spacing}': choose one of {', '.join(SPACINGS)}")
+    return {"leading": f"ddim{k}", "linspace": str(k), "trailing": f"trailing{k}"}[spacing]
 
 
 def _sections(T: int, counts: list[int]) -> list[int]:

@@ -88,6 +88,15 @@ class BackboneConfig(ConfigMixin):
     # Width of the input convolution; None is ADM's int(channel_mult[0] * model_channels).
     # Configs written before guidekit followed that rule record model_channels here.
     stem_channels: int | None = None
+    # diffusers' UNet2DModel layout (the defaults are ADM's): GroupNorm groups and eps, the
+    # sinusoid order and frequency shift (``flip_sin_to_cos``, ``freq_shift``), a stride-2
+    # conv padded only right and bottom (``downsample_padding=0``), no middle attention.
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    downsample_padding: int = 1
+    mid_attention: bool = True
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so configs stay hashable and compare equal.
@@ -123,6 +132,10 @@ class BackboneConfig(ConfigMixin):
         """Attention heads of a layer with ``channels`` channels."""
         return attention_heads(channels, self.num_heads, self.num_head_channels)
 
+    def norm(self, channels: int) -> nn.GroupNorm:
+        """The GroupNorm of a layer with ``channels`` channels."""
+        return normalization(channels, self.norm_groups, self.norm_eps)
+
     def validate(self) -> None:
         name = type(self).__name__
         if not self.channel_mult or min(self.channel_mult) <= 0:
@@ -139,6 +152,16 @@ class BackboneConfig(ConfigMixin):
                                 f"got {self.num_head_channels}")
         if self.stem_channels is not None and self.stem_channels < 1:
             raise GuidekitError(f"{name}.stem_channels must be >= 1, got {self.stem_channels}")
+        if self.norm_groups < 1:
+            raise GuidekitError(f"{name}.norm_groups must be >= 1, got {self.norm_groups}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):
+            raise GuidekitError(f"{name}.norm_eps must be > 0, got {self.norm_eps}")
+        if not (math.isfinite(self.freq_shift) and self.freq_shift < self.model_channels // 2):
+            raise GuidekitError(f"{name}.freq_shift must be below half of model_channels, "
+                                f"got {self.freq_shift}")
+        if self.downsample_padding not in (0, 1):
+            raise GuidekitError(f"{name}.downsample_padding must be 0 or 1, "
+                                f"got {self.downsample_padding}")
         if self.num_res_blocks < 0:
             raise GuidekitError(f"{name}.num_res_blocks must be >= 0, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
@@ -159,8 +182,8 @@ class BackboneConfig(ConfigMixin):
         for res, ch in zip(self.resolutions, self.widths, strict=True):
             if res in self.attention_resolutions:
                 self._check_heads(ch, f"{ch} channels at resolution {res}")
-        # The middle block always has attention at the last level's width.
-        self._check_heads(self.widths[-1], f"middle-block channels {self.widths[-1]}")
+        if self.mid_attention:
+            self._check_heads(self.widths[-1], f"middle-block channels {self.widths[-1]}")
 
     def _check_heads(self, ch: int, what: str, upsample: bool = False) -> None:
         try:
@@ -248,14 +271,21 @@ class ClassifierConfig(BackboneConfig):
 # --------------------------------------------------------------------------- blocks
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000) -> Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim) in float32; t is the raw timestep, e.g. 0..T-1."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000,
+                       flip_sin_to_cos: bool = True, freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) in float32; t is the raw timestep, e.g. 0..T-1.
+
+    Frequencies ``max_period^(−i / (dim/2 − freq_shift))``; cosines first (ADM) unless
+    ``flip_sin_to_cos`` is False (diffusers' DDPM ports put the sines first, with shift 1).
+    """
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        / (half - freq_shift)
     )
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = (torch.cos(args), torch.sin(args))
+    emb = torch.cat(pair if flip_sin_to_cos else pair[::-1], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -268,11 +298,12 @@ def zero_module(m: nn.Module) -> nn.Module:
     return m
 
 
-def normalization(ch: int) -> nn.GroupNorm:
-    """GroupNorm with the largest of 32, 16, ... groups that divides ``ch`` (32 for every
-    ADM width)."""
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if ch % g == 0)
-    return nn.GroupNorm(groups, ch)
+def normalization(ch: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with ``groups`` groups when they divide ``ch`` (every ADM and diffusers
+    width), else the largest of 16, 8, ... that does."""
+    n = groups if ch % groups == 0 else next(
+        g for g in (16, 8, 4, 2, 1) if g < groups and ch % g == 0)
+    return nn.GroupNorm(n, ch, eps=eps)
 
 
 def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
@@ -280,15 +311,17 @@ def conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 conv (``use_conv``) or 2×2 average pooling."""
+    """Halve the resolution with a stride-2 conv (``use_conv``) or 2×2 average pooling.
+    ``padding=0`` pads the conv's input by one only on the right and bottom (diffusers)."""
 
-    def __init__(self, channels: int, use_conv: bool = True) -> None:
+    def __init__(self, channels: int, use_conv: bool = True, padding: int = 1) -> None:
         super().__init__()
-        self.op: nn.Module = (nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad = use_conv and padding == 0
+        self.op: nn.Module = (nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
                               if use_conv else nn.AvgPool2d(2))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x)
+        return self.op(F.pad(x, (0, 1, 0, 1)) if self.pad else x)
 
 
 class Upsample(nn.Module):
@@ -321,6 +354,8 @@ class ResBlock(nn.Module):
         down: bool = False,
         cond_channels: int | None = None,
         scale_shift: bool = True,
+        groups: int = 32,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if up and down:
@@ -328,7 +363,7 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.cond_channels = cond_channels
         self.scale_shift = scale_shift
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU())
+        self.in_layers = nn.Sequential(normalization(channels, groups, eps), nn.SiLU())
         # Resample between the activation and the conv, on both branches, as ADM does.
         self.resample: nn.Module = (
             nn.Upsample(scale_factor=2, mode="nearest") if up
@@ -344,7 +379,7 @@ class ResBlock(nn.Module):
         self.cond_layers = (
             nn.Linear(cond_channels, 2 * out_channels) if cond_channels else None
         )
-        self.out_norm = normalization(out_channels)
+        self.out_norm = normalization(out_channels, groups, eps)
         self.out_layers = nn.Sequential(
             nn.SiLU(), nn.Dropout(dropout), zero_module(conv3x3(out_channels, out_channels))
         )
@@ -388,7 +423,7 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 4, new_order: bool = True,
-                 sdpa: bool = True) -> None:
+                 sdpa: bool = True, groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__()
         if channels % num_heads:
             raise GuidekitError(f"AttentionBlock: {channels} channels not divisible by "
@@ -397,7 +432,7 @@ class AttentionBlock(nn.Module):
         self.layout = ("b (three n d) h w -> three b n (h w) d" if new_order
                        else "b (n three d) h w -> three b n (h w) d")
         self.sdpa = sdpa
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, groups, eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -466,11 +501,13 @@ def build_time_embed(model_channels: int) -> nn.Sequential:
 def _res(cfg: BackboneConfig, c_in: int, emb: int, c_out: int, cond: int | None = None,
          **kw: bool) -> ResBlock:
     return ResBlock(c_in, emb, c_out, cfg.dropout, cond_channels=cond,
-                    scale_shift=cfg.use_scale_shift_norm, **kw)
+                    scale_shift=cfg.use_scale_shift_norm, groups=cfg.norm_groups,
+                    eps=cfg.norm_eps, **kw)
 
 
 def _attn(cfg: BackboneConfig, ch: int, upsample: bool = False) -> AttentionBlock:
-    return AttentionBlock(ch, cfg.heads(ch, upsample), cfg.use_new_attention_order)
+    return AttentionBlock(ch, cfg.heads(ch, upsample), cfg.use_new_attention_order,
+                          groups=cfg.norm_groups, eps=cfg.norm_eps)
 
 
 def build_input_blocks(cfg: BackboneConfig, emb_dim: int) -> tuple[nn.ModuleList, list[int], int]:
@@ -492,7 +529,7 @@ def build_input_blocks(cfg: BackboneConfig, emb_dim: int) -> tuple[nn.ModuleList
             skip_chs.append(ch)
         if level < len(levels) - 1:
             down = (_res(cfg, ch, emb_dim, ch, down=True) if cfg.resblock_updown
-                    else Downsample(ch, cfg.conv_resample))
+                    else Downsample(ch, cfg.conv_resample, cfg.downsample_padding))
             blocks.append(EmbedSequential(down))
             skip_chs.append(ch)
     return blocks, skip_chs, ch
@@ -512,11 +549,12 @@ def down_path_channels(cfg: BackboneConfig) -> tuple[list[int], int]:
 
 def build_middle_block(cfg: BackboneConfig, ch: int, emb_dim: int,
                        cond_channels: int | None = None) -> EmbedSequential:
-    """ResBlock, attention, ResBlock at the bottom of the UNet (``cond_channels``: the
-    ResBlocks also take a condition, as PDAE's G_ψ takes z)."""
+    """ResBlock, attention (unless ``mid_attention`` is off), ResBlock at the bottom of the
+    UNet (``cond_channels``: the ResBlocks also take a condition, as PDAE's G_ψ takes z)."""
+    attention = [_attn(cfg, ch)] if cfg.mid_attention else []
     return EmbedSequential(
         _res(cfg, ch, emb_dim, ch, cond_channels),
-        _attn(cfg, ch),
+        *attention,
         _res(cfg, ch, emb_dim, ch, cond_channels),
     )
 
@@ -599,7 +637,9 @@ class _Backbone(nn.Module):
         t = self._check_input(x, t, y)
         scale = self.config.timestep_scale
         emb_in = timestep_embedding(t.float() * scale if scale != 1 else t,
-                                    self.config.model_channels)
+                                    self.config.model_channels,
+                                    flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                    freq_shift=self.config.freq_shift)
         emb = self.time_embed(emb_in.to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
@@ -622,7 +662,7 @@ class UNet(_Backbone):
         self.output_blocks, ch = build_output_blocks(
             config, self.skip_channels, self.down_channels, self.emb_dim)
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, config.out_channels))
+            config.norm(ch), nn.SiLU(), zero_module(conv3x3(ch, config.out_channels))
         )
 
     def middle_up(self, feats: DownFeatures) -> Tensor:
@@ -648,11 +688,11 @@ class EncoderUNet(_Backbone):
         self.middle_block = build_middle_block(config, ch, self.emb_dim)
         self.head: nn.Sequential
         if config.pool == "adaptive":
-            self.head = nn.Sequential(normalization(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+            self.head = nn.Sequential(config.norm(ch), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
                                       nn.Flatten(), nn.Linear(ch, k))
         elif config.pool == "attention":
             side = config.resolutions[-1]
-            self.head = nn.Sequential(normalization(ch), nn.SiLU(),
+            self.head = nn.Sequential(config.norm(ch), nn.SiLU(),
                                       AttentionPool2d(side, ch, config.heads(ch), k))
         else:  # the spatial pools: every block's mean, then an MLP
             features = sum(self.skip_channels) + ch

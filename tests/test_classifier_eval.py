@@ -91,7 +91,7 @@ def test_rows_match_a_hand_computation(models, loaded):
     per_class = []
     for c in range(10):
         idx = [i for i in range(len(x)) if int(classes[i]) == c]
-        d = [float((x[i] - x[j]).double().pow(2).sum().sqrt())
+        d = [float((x[i].double() - x[j].double()).pow(2).sum().sqrt())
              for a, i in enumerate(idx) for j in idx[a + 1:]]
         per_class.append(sum(d) / len(d))
     assert rows[1]["diversity"] == pytest.approx(sum(per_class) / 10, rel=1e-9)

@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = ("p2", "classifier", "pdae")
 COMMANDS: dict[str, str] = {
     "convert adm": "guidekit.convert.convert_adm",
     "convert pdae": "guidekit.convert.convert_pdae",
+    "convert diffusers": "guidekit.convert_diffusers.convert_diffusers",
     "train ddpm": "guidekit.train_ddpm",
     "train classifier": "guidekit_classifier.train_classifier",
     "train judge": "guidekit_classifier.train_judge",
@@ -170,7 +171,7 @@ def test_the_python_api_samples_what_the_cli_samples(guidekit_dpm, guidekit_cli,
 # The modules a plugin may import from, beside the top-level package: each lists its public
 # names in __all__, and docs/python.md documents the list.
 PUBLIC_MODULES = (
-    "guidekit.convert",
+    "guidekit.convert", "guidekit.convert_diffusers",
     "guidekit.checkpoint", "guidekit.cli.params", "guidekit.config", "guidekit.data",
     "guidekit.ddpm", "guidekit.distributed", "guidekit.engine", "guidekit.errors",
     "guidekit.guidance", "guidekit.hookspecs", "guidekit.lookup", "guidekit.ops",

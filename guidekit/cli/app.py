@@ -37,12 +37,20 @@ def sample_command(
     checkpoint: Path = typer.Option(..., help="A ddpm checkpoint directory."),
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
     steps: int = typer.Option(50, help="Sampling steps (respaced from the T training steps)."),
+    spacing: str = typer.Option(
+        None, help="Where --steps go: leading, linspace or trailing (diffusers' names). "
+        "Default: the checkpoint's (a converted diffusers model: its scheduler's), else "
+        "leading for ddim, linspace for ddpm."),
     respacing: str = typer.Option(None, help="Explicit respacing, e.g. 'ddim25' or '10,5'."),
     n: int = typer.Option(16, help="Number of images."),
     seed: int = typer.Option(0, help="Seed of x_T and the sampling noise."),
     eta: float = typer.Option(0.0, help="DDIM η (0: deterministic)."),
-    variance: str = typer.Option("small", help="DDPM Σ when fixed: small (β̃) or large (β)."),
-    clip: bool = typer.Option(True, help="Clip x̂_0 to [-1, 1] in each step."),
+    variance: str = typer.Option(
+        None, help="DDPM Σ when fixed: small (β̃) or large (β). Default: the checkpoint's, "
+        "else small."),
+    clip: bool = typer.Option(
+        None, "--clip/--no-clip", help="Clip x̂_0 to [-1, 1] in each step. Default: the "
+        "checkpoint's (a converted diffusers model: its clip_sample), else on."),
     clip_order: str = typer.Option(
         "clip-then-guide", help="Guided DDIM with --clip: clip-then-guide (guided-diffusion's "
         "order, the published results') or guide-then-clip."),
@@ -75,7 +83,8 @@ def sample_command(
     dpm = load_dpm(checkpoint, device)
     x = sample(
         dpm, n, sampler=sampler, steps=respacing or steps, eta=eta, guidance=requests,
-        seed=seed, clip_x0=clip, clip_order=clip_order, variance=variance, classes=class_,
+        seed=seed, clip_x0=clip, clip_order=clip_order, variance=variance, spacing=spacing,
+        classes=class_,
         class_per_row=class_per_row, compile=compile, progress=not json_out,
     )
     grid = save_image_grid(x.cpu(), out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))

@@ -1,5 +1,6 @@
-"""``guidekit convert adm|pdae``: released checkpoints into guidekit checkpoint folders (the
-work is :mod:`guidekit.convert`'s; this module only reads the command line and prints)."""
+"""``guidekit convert adm|pdae|diffusers``: released checkpoints into guidekit checkpoint
+folders (the work is :mod:`guidekit.convert`'s and :mod:`guidekit.convert_diffusers`'s; this
+module only reads the command line and prints)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from guidekit.errors import GuidekitError
 
 __all__ = ["app", "register"]
 
-app = typer.Typer(help="Convert released checkpoints (openai ADM / improved-diffusion, PDAE) "
-                  "into guidekit checkpoint folders.", no_args_is_help=True)
+app = typer.Typer(help="Convert released checkpoints (openai ADM / improved-diffusion, PDAE, "
+                  "diffusers UNet2DModel pipelines) into guidekit checkpoint folders.",
+                  no_args_is_help=True)
 
 Out = typer.Option(..., "--out", help="The guidekit checkpoint folder to write.")
 Force = typer.Option(False, "--force", help="Replace a checkpoint already at --out.")
@@ -25,16 +27,19 @@ def _summary(path: Path, json_out: bool) -> None:
     from guidekit.checkpoint import read_checkpoint
 
     cfg = read_checkpoint(path).config
-    model, sched = cfg["model"]["config"], cfg["schedule"]
+    model, sched, source = cfg["model"]["config"], cfg["schedule"], cfg["converted_from"]
     info: dict[str, Any] = {
         "out": str(path), "kind": cfg["kind"], "format": cfg["converted_from"]["format"],
         "parameters": cfg["converted_from"]["parameters"], "image_size": model["image_size"],
         "num_classes": model.get("num_classes"), "learn_sigma": model.get("learn_sigma", False),
-        "schedule": f"{sched['kind']} T={sched['num_timesteps']}",
+        "schedule": f"{source.get('scheduler', {}).get('beta_schedule', sched['kind'])} "
+                    f"T={sched['num_timesteps']}",
         "timestep_scale": model.get("timestep_scale", 1.0),
     }
     if "note" in cfg["converted_from"]:
         info["note"] = cfg["converted_from"]["note"]
+    if "sampling" in cfg:
+        info["sampling"] = cfg["sampling"]
     if json_out:
         typer.echo(json.dumps(info))
         return
@@ -44,6 +49,10 @@ def _summary(path: Path, json_out: bool) -> None:
                f"{info['image_size']}px, classes: {classes}{sigma}, schedule "
                f"{info['schedule']}" + (f" (t·{info['timestep_scale']:g})"
                                         if info["timestep_scale"] != 1 else ""))
+    if "sampling" in info:
+        d = info["sampling"]
+        typer.echo(f"sampling defaults: clip x̂_0 {'on' if d['clip_x0'] else 'off'}, "
+                   f"variance {d['variance']}, {d['spacing']} spacing")
     if "note" in info:
         typer.echo(f"note: {info['note']}")
 
@@ -115,6 +124,31 @@ def pdae_command(
     from guidekit.convert import convert_pdae
 
     _summary(convert_pdae(checkpoint, config, out, image_size, force=force), json_out)
+
+
+@app.command("diffusers")
+def diffusers_command(
+    folder: Path = typer.Argument(..., help="A diffusers pipeline folder (model_index.json, "
+                                  "unet/, scheduler/) or its unet/ folder."),
+    scheduler: Path = typer.Option(None, "--scheduler", help="scheduler_config.json or its "
+                                   "folder (default: the pipeline's scheduler/)."),
+    image_size: int = typer.Option(None, "--image-size", help="Image size to run at "
+                                   "(default: the UNet's sample_size)."),
+    out: Path = Out,
+    force: bool = Force,
+    json_out: JSONOut = False,
+) -> None:
+    """Convert a diffusers UNet2DModel pipeline (DDPMPipeline, DDIMPipeline, or one saved
+    by diffusers' training example), needing the diffusers extra.
+
+    The schedule is the β list the scheduler config gives; its clip_sample, variance_type
+    and timestep_spacing become the checkpoint's sampling defaults. The converted UNet is
+    run beside diffusers' own on a probe batch, and nothing is written unless they agree.
+    Only prediction_type epsilon is taken."""
+    from guidekit.convert_diffusers import convert_diffusers
+
+    _summary(convert_diffusers(folder, out, scheduler=scheduler, image_size=image_size,
+                               force=force), json_out)
 
 
 def register(cli: typer.Typer) -> None:

@@ -86,7 +86,7 @@ def guided_samples(
     terms = [] if scale == 0 else [
         GuidanceTerm(ClassifierGuidance(clf.model, classes.to(device)), scale, weight, KIND)
     ]
-    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True)
+    engine = dpm.sampler(steps=respacing(sampler, steps, dpm.defaults.spacing), clip_x0=True)
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.sample(sampler, shape=(len(classes), *dpm.image_shape), guidance=terms,
                       generator=gen, device=device, progress=progress)

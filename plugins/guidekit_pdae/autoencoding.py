@@ -53,10 +53,12 @@ def load_images(
 
 
 def ddim_sampler(pdae: LoadedPDAE, steps: int, clip: bool = False) -> Sampler:
-    """DDIM over ``steps`` of the T training steps (``ddimK`` respacing); ``clip`` clamps x̂_0
-    (off for inversion and its decode, which must mirror each other)."""
+    """DDIM over ``steps`` of the T training steps (laid out as the DPM's defaults say, else
+    ``ddimK``); ``clip`` clamps x̂_0 (off for inversion and its decode, which must mirror each
+    other)."""
     pdae.require_unconditional("DDIM inversion and decoding with PDAE")
-    return pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=clip)
+    return pdae.dpm.sampler(steps=respacing("ddim", steps, pdae.dpm.defaults.spacing),
+                            clip_x0=clip)
 
 
 def shift_terms(

@@ -55,7 +55,7 @@ PRETRAINED_OPT = typer.Option(None, help="The DPM it was trained on (default: th
                               "path).")
 DATA_OPT = typer.Option("digits", help="Dataset name or a folder of images.")
 SIZE_OPT = typer.Option(None, help="Resize images (default: the dataset's size).")
-STEPS_OPT = typer.Option(100, help="DDIM steps (ddimK respacing of the T training steps).")
+STEPS_OPT = typer.Option(100, help="DDIM steps (respaced as the DPM says, else ddimK).")
 SEED_OPT = typer.Option(0, help="Seed of the noise (and of the random encoder).")
 
 

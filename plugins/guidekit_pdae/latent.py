@@ -328,7 +328,8 @@ def decode_latents(
     pdae.require_unconditional("pdae sample")
     _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
     device = pdae.device
-    engine = pdae.dpm.sampler(steps=respacing("ddim", steps), clip_x0=True)
+    engine = pdae.dpm.sampler(steps=respacing("ddim", steps, pdae.dpm.defaults.spacing),
+                              clip_x0=True)
     term = GuidanceTerm(PDAEGuidance(pdae, z.to(device)), scale=scale, name="pdae")
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.ddim(shape=(len(z), *pdae.dpm.image_shape), guidance=[term], generator=gen,

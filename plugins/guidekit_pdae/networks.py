@@ -113,7 +113,7 @@ class GradientEstimator(nn.Module):
         self.middle = build_middle_block(cfg, ch, emb, cond_channels=zd)
         self.up, ch = build_output_blocks(cfg, skip_chs, ch, emb, cond_channels=zd)
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv3x3(ch, cfg.in_channels))
+            cfg.norm(ch), nn.SiLU(), zero_module(conv3x3(ch, cfg.in_channels))
         )
 
     def forward(self, feats: DownFeatures, z: Tensor) -> Tensor:

@@ -61,7 +61,7 @@ def inpaint(
     A run whose guidance goes non-finite (diverges) is a one-line GuidekitError."""
     device = next(iter(dpm.model.parameters())).device
     # Clamp the shifted x̂_0: the pull toward the reference is only bounded so under DDIM.
-    engine = dpm.sampler(steps=respacing(sampler, steps), clip_x0=True,
+    engine = dpm.sampler(steps=respacing(sampler, steps, dpm.defaults.spacing), clip_x0=True,
                          clip_order="guide-then-clip")
     terms = [] if scale == 0 else [GuidanceTerm(
         InpaintGuidance(image.to(device), mask.to(device), sigma, norm), scale, name=NAME)]
