@@ -117,7 +117,7 @@ def diffusers_folder(path: Path) -> bool:
         if not cfg.is_file() or cfg.stat().st_size > 1 << 20:
             return False
         d = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(d, dict) and "_diffusers_version" in d and "kind" not in d
 
@@ -125,7 +125,7 @@ def diffusers_folder(path: Path) -> bool:
 def _read_config(d: Path) -> dict[str, Any]:
     try:
         return json.loads((d / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"cannot read {d / CONFIG}: {exc}") from None
 
 

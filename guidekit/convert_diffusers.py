@@ -57,21 +57,30 @@ def _json(path: Path, what: str) -> dict[str, Any]:
         raise GuidekitError(f"{path} is too large for a {what}")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise GuidekitError(f"{path} is not a readable JSON {what}: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise GuidekitError(f"{path} is not a readable JSON {what}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
     if not isinstance(d, dict):
         raise GuidekitError(f"{path} must hold a JSON object ({what})")
     return d
 
 
-def _get(d: dict[str, Any], key: str, default: Any, types: tuple[type, ...], where: str
-         ) -> Any:
+def _get(d: dict[str, Any], key: str, default: Any, types: tuple[type, ...], where: str,
+         low: float | None = None, high: float | None = None) -> Any:
+    """``d[key]`` (or ``default``) checked to be of ``types`` and, for numbers, finite and in
+    [low, high]; a one-line error otherwise. A None default lets null through."""
     v = d.get(key, default)
     if v is None and default is None:
         return None
     if isinstance(v, bool) and bool not in types or not isinstance(v, types):
         names = " or ".join(t.__name__ for t in types)
-        raise GuidekitError(f"{where}: '{key}' must be {names}, got {v!r}")
+        raise GuidekitError(f"{where}: '{key}' must be {names}, got {str(v)[:80]!r}")
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and (low is not None
+                                                                  or high is not None):
+        ok = abs(v) < 1e300 and math.isfinite(float(v))
+        if not ok or (low is not None and v < low) or (high is not None and v > high):
+            raise GuidekitError(f"{where}: '{key}' must lie in [{low}, {high}], got "
+                                f"{str(v)[:80]}")
     return v
 
 
@@ -89,6 +98,13 @@ def _folders(path: Path, scheduler: Path | None) -> tuple[Path, Path]:
             raise GuidekitError(f"{path}: the pipeline's unet is {entry!r}, not a "
                                 "UNet2DModel; guidekit converts unconditional and "
                                 "class-conditional UNet2DModel pipelines")
+        others = sorted(k for k, v in index.items() if not k.startswith("_")
+                        and k not in ("unet", "scheduler") and isinstance(v, list)
+                        and v[:1] != [None])
+        if others:
+            raise GuidekitError(f"{path}: the pipeline also has {', '.join(others)} (a "
+                                "latent-diffusion pipeline samples their latents, not "
+                                "images); guidekit converts pixel-space UNet2DModel pipelines")
         unet, found = path / "unet", path / "scheduler" / "scheduler_config.json"
     elif (path / "config.json").is_file():
         unet, found = path, path.parent / "scheduler" / "scheduler_config.json"
@@ -124,14 +140,15 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
     if d.get("act_fn", "silu") not in ("silu", "swish"):
         raise GuidekitError(f"{where}: act_fn={d['act_fn']!r}: guidekit's UNet uses SiLU")
     boc = _get(d, "block_out_channels", [224, 448, 672, 896], (list,), where)
-    if not boc or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
-                          for c in boc):
-        raise GuidekitError(f"{where}: block_out_channels must be positive integers")
+    if not 1 <= len(boc) <= 8 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 8192 for c in boc):
+        raise GuidekitError(f"{where}: block_out_channels must be 1 to 8 integers in "
+                            "1..8192")
     down = _get(d, "down_block_types", None, (list,), where) or []
     up = _get(d, "up_block_types", None, (list,), where) or []
     for kind, table in ((down, _DOWN), (up, _UP)):
         for name in kind:
-            if name not in table:
+            if not isinstance(name, str) or name not in table:
                 raise GuidekitError(f"{where}: block {name!r} is not one guidekit converts "
                                     f"({', '.join(table)})")
     if len(down) != len(boc) or len(up) != len(boc):
@@ -141,19 +158,20 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
     if [_UP[n] for n in reversed(up)] != attn:
         raise GuidekitError(f"{where}: the up path's attention does not mirror the down "
                             "path's; guidekit's UNet puts attention at the same levels in both")
-    size = _get(d, "sample_size", None, (int, list), where)
+    size = image_size or _get(d, "sample_size", None, (int, list), where)
     if isinstance(size, list):
         if len(size) != 2 or size[0] != size[1]:
-            raise GuidekitError(f"{where}: sample_size {size} is not square; give "
+            raise GuidekitError(f"{where}: sample_size {str(size)[:80]} is not square; give "
                                 "--image-size N")
         size = size[0]
-    size = image_size or size
     factor = 2 ** (len(boc) - 1)
-    if not isinstance(size, int) or size < 1 or size % factor:
-        raise GuidekitError(f"{where}: image size {size} cannot pass the UNet's "
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
+        raise GuidekitError(f"{where}: image size {str(size)[:80]} cannot pass the UNet's "
                             f"{len(boc) - 1} downsamplings: give --image-size as a multiple "
                             f"of {factor}")
-    groups = _get(d, "norm_num_groups", 32, (int,), where)
+    if size > 4096:
+        raise GuidekitError(f"{where}: image size {size} is above guidekit's 4096")
+    groups = _get(d, "norm_num_groups", 32, (int,), where, 1, 8192)
     if d.get("attn_norm_num_groups") not in (None, groups):
         raise GuidekitError(f"{where}: attn_norm_num_groups differs from norm_num_groups")
     for key in ("downsample_type", "upsample_type"):
@@ -162,7 +180,7 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
             raise GuidekitError(f"{where}: {key}={d[key]!r} is not supported (only conv)")
     head = d.get("attention_head_dim", 8)  # None: one head per layer
     if head is not None:
-        head = _get(d, "attention_head_dim", 8, (int,), where)
+        head = _get(d, "attention_head_dim", 8, (int,), where, 1, 8192)
     shift = d.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         raise GuidekitError(f"{where}: resnet_time_scale_shift={shift!r} is not supported")
@@ -175,27 +193,28 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
     if emb_dim not in (None, 4 * boc[0]):
         raise GuidekitError(f"{where}: time_embedding_dim={emb_dim!r}: guidekit's UNet "
                             f"embeds time in 4 × block_out_channels[0] = {4 * boc[0]}")
-    in_ch = _get(d, "in_channels", 3, (int,), where)
-    out_ch = _get(d, "out_channels", 3, (int,), where)
+    in_ch = _get(d, "in_channels", 3, (int,), where, 1, 64)
+    out_ch = _get(d, "out_channels", 3, (int,), where, 1, 128)
     if out_ch not in (in_ch, 2 * in_ch):
         raise GuidekitError(f"{where}: out_channels={out_ch} for in_channels={in_ch}: "
                             "expected ε (the same) or ε and the variance values (twice)")
-    classes = _get(d, "num_class_embeds", None, (int,), where)
+    classes = _get(d, "num_class_embeds", None, (int,), where, 1, 1_000_000)
     try:
         return UNetConfig(
             image_size=size, in_channels=in_ch, model_channels=boc[0],
             channel_mult=tuple(_mult(c, boc[0]) for c in boc),
-            num_res_blocks=_get(d, "layers_per_block", 2, (int,), where),
+            num_res_blocks=_get(d, "layers_per_block", 2, (int,), where, 1, 16),
             attention_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
             num_heads=1, num_head_channels=-1 if head is None else head,
-            dropout=float(_get(d, "dropout", 0.0, (int, float), where)),
+            dropout=float(_get(d, "dropout", 0.0, (int, float), where, 0, 0.999)),
             use_scale_shift_norm=shift == "scale_shift",
             resblock_updown=False, conv_resample=True,
             learn_sigma=out_ch == 2 * in_ch, num_classes=classes,
-            norm_groups=groups, norm_eps=float(_get(d, "norm_eps", 1e-5, (int, float), where)),
+            norm_groups=groups,
+            norm_eps=float(_get(d, "norm_eps", 1e-5, (int, float), where, 1e-12, 1.0)),
             flip_sin_to_cos=_get(d, "flip_sin_to_cos", True, (bool,), where),
-            freq_shift=float(_get(d, "freq_shift", 0, (int, float), where)),
-            downsample_padding=_get(d, "downsample_padding", 1, (int,), where),
+            freq_shift=float(_get(d, "freq_shift", 0, (int, float), where, -1e6, 1e6)),
+            downsample_padding=_get(d, "downsample_padding", 1, (int,), where, 0, 1),
             mid_attention=_get(d, "add_attention", True, (bool,), where),
         )
     except GuidekitError as exc:
@@ -214,30 +233,28 @@ def _schedule(d: dict[str, Any], where: str, learned: bool) -> tuple[Any, dict[s
 
     kind = d.get("prediction_type", "epsilon")
     if kind != "epsilon":
-        raise GuidekitError(f"{where}: prediction_type={kind!r} is not supported: guidekit's "
-                            "engine and guidances take ε-prediction (epsilon) models")
+        raise GuidekitError(f"{where}: prediction_type={str(kind)[:40]!r} is not supported: "
+                            "guidekit's engine and guidances take ε-prediction (epsilon) models")
     for key, why in (("thresholding", "dynamic thresholding"),
                      ("rescale_betas_zero_snr", "a zero-terminal-SNR schedule")):
         if d.get(key, False):
             raise GuidekitError(f"{where}: {key}=true ({why}) is not supported")
-    if float(d.get("clip_sample_range", 1.0)) != 1.0:
+    if _get(d, "clip_sample_range", 1.0, (int, float), where, 0, 1e6) != 1.0:
         raise GuidekitError(f"{where}: clip_sample_range must be 1.0 (guidekit clips x̂_0 "
                             "to [-1, 1])")
-    variance = d.get("variance_type", "fixed_small")
+    variance = _get(d, "variance_type", "fixed_small", (str,), where)
     if variance not in _VARIANCE:
         raise GuidekitError(f"{where}: variance_type={variance!r} is not supported: use "
                             f"{', '.join(_VARIANCE)}")
     if (variance == "learned_range") != learned:
         raise GuidekitError(f"{where}: variance_type={variance!r} does not fit a UNet that "
                             f"{'predicts' if learned else 'does not predict'} the variance")
-    spacing = d.get("timestep_spacing", "leading")
+    spacing = _get(d, "timestep_spacing", "leading", (str,), where)
     if spacing not in _SPACINGS:
         raise GuidekitError(f"{where}: timestep_spacing={spacing!r}: choose one of "
                             f"{', '.join(_SPACINGS)}")
     clip = _get(d, "clip_sample", True, (bool,), where)
-    T = _get(d, "num_train_timesteps", 1000, (int,), where)
-    if not 1 <= T <= 100_000:
-        raise GuidekitError(f"{where}: num_train_timesteps={T} is out of range")
+    T = _get(d, "num_train_timesteps", 1000, (int,), where, 1, 100_000)
     diffusers = require_diffusers()
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     try:
@@ -383,7 +400,11 @@ def convert_diffusers(
         raise GuidekitError(f"{unet_dir}: the weights do not fit the config: {k} is "
                             f"{got}, the UNet wants {tuple(want[k].shape)}")
     ours.load_state_dict(tensors, strict=True)
-    gap = _probe(theirs, ours, cfg, schedule.num_timesteps)
+    try:
+        gap = _probe(theirs, ours, cfg, schedule.num_timesteps)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise GuidekitError(f"{unet_dir}: the probe forward pass failed: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
     if not gap <= 1e-4:
         raise GuidekitError(f"{unet_dir}: the converted UNet disagrees with diffusers' own by "
                             f"{gap:.2g} (relative) on a probe batch; nothing was written")

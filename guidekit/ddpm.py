@@ -151,7 +151,13 @@ class DPM:
 
     def sampler(self, **kwargs: Any) -> Sampler:
         """A :class:`~guidekit.engine.Sampler` over this model and schedule (``steps="ddim50"``,
-        ``clip_x0``, ... as keyword arguments)."""
+        ``clip_x0``, ... as keyword arguments); ``clip_x0`` and ``variance`` left out (or None)
+        are the DPM's :attr:`defaults`."""
+        d = self.defaults
+        if kwargs.get("clip_x0") is None:
+            kwargs["clip_x0"] = d.clip_x0
+        if kwargs.get("variance") is None:
+            kwargs["variance"] = d.variance
         return Sampler(self.model, self.schedule, **kwargs)
 
 

@@ -122,11 +122,9 @@ def sample(
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
     device = next(iter(dpm.model.parameters())).device
-    d = dpm.defaults
-    engine = dpm.sampler(
-        steps=respacing(sampler, steps, spacing or d.spacing),
-        variance=variance or d.variance, clip_x0=d.clip_x0 if clip_x0 is None else clip_x0,
-        clip_order=clip_order, compile=compile)
+    engine = dpm.sampler(steps=respacing(sampler, steps, spacing or dpm.defaults.spacing),
+                         variance=variance, clip_x0=clip_x0, clip_order=clip_order,
+                         compile=compile)
     classes = tuple(classes or ())
     y = dpm_classes(dpm, n, classes, class_per_row)
     if y is None and not guidance and (classes or class_per_row):

@@ -54,8 +54,9 @@ class ScheduleConfig(ConfigMixin):
             raise GuidekitError(f"num_timesteps must be an integer >= 1, got "
                                 f"{self.num_timesteps!r}")
         if not isinstance(self.betas, (list, tuple)) or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
-            raise GuidekitError("schedule betas must be a list of numbers")
+                isinstance(b, float) or isinstance(b, int) and not isinstance(b, bool)
+                and abs(b) < 2 for b in self.betas):
+            raise GuidekitError("schedule betas must be a list of numbers in (0, 1)")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if (self.kind == "given") != bool(self.betas):
             raise GuidekitError("a 'given' schedule lists its betas, and only it does")
@@ -204,8 +205,9 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list
             k = int(m.group(1))
             if not 1 <= k <= T:
                 raise GuidekitError(f"cannot take {k} trailing steps out of {T}: choose 1..{T}")
-            # diffusers' own expression, so the steps agree with it to the last rounding.
-            steps = np.round(np.arange(T, 0, -T / k)).astype(np.int64) - 1
+            # diffusers' own expression, kept to its first K values: np.arange(T, 0, −T/K)
+            # can round up to K + 1 values, the last of them −1.
+            steps = np.round(np.arange(T, 0, -T / k)[:k]).astype(np.int64) - 1
             return sorted(set(int(v) for v in steps))
         try:
             parts = [int(p) for p in s.split(",")]

@@ -152,6 +152,13 @@ class BackboneConfig(ConfigMixin):
                                 f"got {self.num_head_channels}")
         if self.stem_channels is not None and self.stem_channels < 1:
             raise GuidekitError(f"{name}.stem_channels must be >= 1, got {self.stem_channels}")
+        for key, types in (("norm_groups", (int,)), ("norm_eps", (int, float)),
+                           ("freq_shift", (int, float)), ("downsample_padding", (int,)),
+                           ("flip_sin_to_cos", (bool,)), ("mid_attention", (bool,))):
+            v = getattr(self, key)
+            if isinstance(v, bool) != (types == (bool,)) or not isinstance(v, types):
+                raise GuidekitError(f"{name}.{key} must be "
+                                    f"{' or '.join(t.__name__ for t in types)}, got {v!r}")
         if self.norm_groups < 1:
             raise GuidekitError(f"{name}.norm_groups must be >= 1, got {self.norm_groups}")
         if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):

@@ -255,16 +255,18 @@ def test_classifier_guided_ddpm_matches_hand_loop(pipe, classifier):
 
 
 @pytest.mark.parametrize("T", [1000, 999, 250])
-@pytest.mark.parametrize("k", [1, 7, 10, 30, 50, 100, 249])
+@pytest.mark.parametrize("k", [1, 7, 10, 30, 50, 61, 100, 249])
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 def test_spacings_are_diffusers_timesteps(T, k, spacing):
     sched = diffusers.DDPMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
     sched.set_timesteps(k)
-    want = sorted(set(sched.timesteps.tolist()))
+    # diffusers' trailing grid can round up to K + 1 values ending in −1 (T = 1000, K = 61);
+    # guidekit keeps its first K
+    want = sorted(sched.timesteps.tolist()[:k])
     got = space_timesteps(T, spacing_spec(spacing, k))
     if spacing == "linspace" and k == 1:
         want = [T - 1]  # guidekit starts one step from noise at T − 1, diffusers at 0
-    assert got == want
+    assert got == want and len(got) == k
 
 
 # --------------------------------------------------------------------------- refusals
@@ -330,10 +332,18 @@ def test_sample_spacing_option(pipe, tmp_path, guidekit_cli):
     gk = str(dpm.checkpoint.path)
     code, out = cli(guidekit_cli, "sample", "--checkpoint", gk, "--steps", "4", "--spacing",
                     "trailing", "--n", "2", "--out", str(tmp_path / "s.png"), "--json")
-    assert code == 0 and json.loads(out)["n"] == 2
+    from guidekit.sampling import sample
+
+    trailing = sample(dpm, 2, steps=4, spacing="trailing")
+    leading = sample(dpm, 2, steps=4)
+    assert max_diff(trailing, leading) > 1e-3  # the option changes the steps
+    assert json.loads(out)["mean"] == pytest.approx(float(trailing.mean()), abs=1e-6)
     code, out = cli(guidekit_cli, "sample", "--checkpoint", gk, "--spacing", "middle",
                     "--out", str(tmp_path / "s.png"))
     assert code == 2 and "unknown spacing 'middle'" in out
+    code, out = cli(guidekit_cli, "sample", "--checkpoint", gk, "--spacing", "leading",
+                    "--respacing", "ddim4", "--out", str(tmp_path / "s.png"))
+    assert code == 2 and "not both" in out
 
 
 def test_folder_given_as_a_checkpoint_says_convert(pipe, tmp_path, guidekit_cli):
@@ -388,3 +398,87 @@ def test_pdae_trains_and_reconstructs_on_a_diffusers_unet(pipe, tmp_path, guidek
                     str(tmp_path / "rec"), "--json")
     assert code == 0, out
     assert (tmp_path / "rec" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("bad,text", [
+    ({"clip_sample_range": None}, "clip_sample_range"),
+    ({"variance_type": ["fixed_small"]}, "variance_type"),
+    ({"variance_type": "learned"}, "variance_type"),
+    ({"timestep_spacing": 3}, "timestep_spacing"),
+    ({"num_train_timesteps": 10**400}, "num_train_timesteps"),
+    ({"num_train_timesteps": "1000"}, "num_train_timesteps"),
+    ({"beta_schedule": "exotic"}, "cannot build its schedule"),
+    ({"thresholding": True}, "thresholding"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+])
+def test_hostile_scheduler_configs_get_one_line(tmp_path, guidekit_cli, bad, text):
+    src = save_pipeline(tmp_path / "pipe", make_unet())
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **bad}))
+    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
+                    str(tmp_path / "o"))
+    assert code == 2 and text in out and len(out.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad,text", [
+    ({"down_block_types": [["DownBlock2D"], "AttnDownBlock2D"]}, "is not one guidekit"),
+    ({"dropout": 10**400}, "dropout"),
+    ({"norm_eps": "1e-5"}, "norm_eps"),
+    ({"attention_head_dim": -1}, "attention_head_dim"),
+    ({"sample_size": 2**24}, "4096"),
+    ({"layers_per_block": 10**6}, "layers_per_block"),
+    ({"downsample_type": "resnet"}, "downsample_type"),
+    ({"sample_size": [16, 32]}, "not square"),
+])
+def test_hostile_unet_configs_get_one_line(tmp_path, guidekit_cli, bad, text):
+    src = save_pipeline(tmp_path / "pipe", make_unet())
+    path = src / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **bad}))
+    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
+                    str(tmp_path / "o"))
+    assert code == 2 and text in out and len(out.splitlines()) == 1
+    path.write_text("[" * 100_000 + "]" * 100_000)  # nested past the parser's recursion
+    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
+                    str(tmp_path / "o"))
+    assert code == 2 and "not a readable JSON" in out
+
+
+def test_non_square_sample_size_takes_image_size(tmp_path):
+    unet = make_unet()
+    src = save_pipeline(tmp_path / "pipe", unet)
+    path = src / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sample_size": [16, 32]}))
+    dpm = load_dpm(convert_diffusers(src, tmp_path / "o", image_size=32))
+    assert dpm.image_shape == (1, 32, 32)
+
+
+def test_latent_diffusion_pipelines_are_refused(tmp_path, guidekit_cli):
+    src = save_pipeline(tmp_path / "pipe", make_unet())
+    index = json.loads((src / "model_index.json").read_text())
+    index.update(_class_name="LDMPipeline", vqvae=["diffusers", "VQModel"])
+    (src / "model_index.json").write_text(json.dumps(index))
+    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
+                    str(tmp_path / "o"))
+    assert code == 2 and "vqvae" in out and "latent-diffusion" in out
+
+
+def test_a_conversion_that_disagrees_with_diffusers_is_not_written(tmp_path, monkeypatch):
+    """The probe guard: swap q and v in every attention layer (q and k would hardly show:
+    these random weights make the attention near uniform) and nothing is written."""
+    import guidekit.convert_diffusers as conv
+
+    real = conv.map_state_dict
+
+    def swapped(sd, cfg):
+        sd = dict(sd)
+        for key in [k for k in sd if ".to_q." in k]:
+            other = key.replace(".to_q.", ".to_v.")
+            sd[key], sd[other] = sd[other], sd[key]
+        return real(sd, cfg)
+
+    monkeypatch.setattr(conv, "map_state_dict", swapped)
+    src = save_pipeline(tmp_path / "pipe", make_unet())
+    with pytest.raises(GuidekitError, match="disagrees with diffusers' own"):
+        convert_diffusers(src, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

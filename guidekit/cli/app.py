@@ -78,6 +78,8 @@ def sample_command(
     from guidekit.lookup import guidance_spec
     from guidekit.sampling import sample
 
+    if respacing and spacing:
+        raise GuidekitError("give --spacing (with --steps) or --respacing, not both")
     requests = requests_from_cli(guidance, scale, guidance_schedule, ctx.args,
                                  lambda name: guidance_spec(name).options)
     dpm = load_dpm(checkpoint, device)

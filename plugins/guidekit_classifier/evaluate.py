@@ -80,13 +80,14 @@ def guided_samples(
 ) -> Tensor:
     """One batch guided toward ``classes`` (N,), in [−1, 1]; scale 0 skips the classifier.
 
-    Steps respace as ``guidekit sample`` does: ``ddimK`` for DDIM, even spacing for DDPM.
+    Steps respace and x̂_0 clips as ``guidekit sample`` does, by the DPM's defaults (else
+    ``ddimK`` for DDIM, even spacing for DDPM, clipping on).
     """
     device = next(iter(dpm.model.parameters())).device
     terms = [] if scale == 0 else [
         GuidanceTerm(ClassifierGuidance(clf.model, classes.to(device)), scale, weight, KIND)
     ]
-    engine = dpm.sampler(steps=respacing(sampler, steps, dpm.defaults.spacing), clip_x0=True)
+    engine = dpm.sampler(steps=respacing(sampler, steps, dpm.defaults.spacing))
     gen = torch.Generator(device).manual_seed(seed)
     x = engine.sample(sampler, shape=(len(classes), *dpm.image_shape), guidance=terms,
                       generator=gen, device=device, progress=progress)
