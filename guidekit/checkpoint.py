@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +42,17 @@ __all__ = [
 
 CONFIG = "config.json"
 FORMAT_VERSION = 1
+# The only names a checkpoint's "files" may list: what save_checkpoint writes. A name read
+# from config.json is data, so one with a path in it is never opened or deleted.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}-\d{7,12}\.safetensors")
+
+
+def _own_file(d: Path, name: Any) -> Path | None:
+    """``d / name`` when ``name`` is a tensor-file name save_checkpoint could have written
+    (no directory part, no ``..``, not absolute), else None."""
+    if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+        return None
+    return d / name
 
 
 @contextlib.contextmanager
@@ -86,7 +99,10 @@ def save_checkpoint(
     flat dict of tensors; ``config`` must hold ``kind``. Returns the directory."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    old = _read_config(d) if (d / CONFIG).exists() else None
+    try:
+        old = _read_config(d) if (d / CONFIG).exists() else None
+    except CheckpointError:
+        old = None  # unreadable: nothing of it is deleted
     files = {}
     for role, flat in tensors.items():
         name = f"{role}-{step:07d}.safetensors"
@@ -100,10 +116,13 @@ def save_checkpoint(
         "files": files,
     }
     atomic_write_bytes(d / CONFIG, json.dumps(full, indent=2, sort_keys=True).encode())
-    if old:
-        for name in old.get("files", {}).values():
-            if name not in files.values():
-                (d / name).unlink(missing_ok=True)
+    listed = old.get("files") if isinstance(old, dict) else None
+    if isinstance(listed, dict):
+        for name in listed.values():
+            path = _own_file(d, name)
+            # only this checkpoint's own tensor files, never a path the old config names
+            if path is not None and name not in files.values() and not path.is_symlink():
+                path.unlink(missing_ok=True)
     return d
 
 
@@ -123,8 +142,15 @@ def diffusers_folder(path: Path) -> bool:
 
 
 def _read_config(d: Path) -> dict[str, Any]:
+    path = d / CONFIG
     try:
-        return json.loads((d / CONFIG).read_text())
+        info = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > 1 << 26:
+        raise CheckpointError(f"{path} is not a regular file of at most 64 MiB")
+    try:
+        return json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"cannot read {d / CONFIG}: {exc}") from None
 
@@ -155,8 +181,20 @@ class Checkpoint:
         name = self.config.get("files", {}).get(role)
         if name is None:
             raise CheckpointError(f"checkpoint {self.path} has no '{role}' weights")
+        path = _own_file(self.path, name)
+        if path is None:
+            raise CheckpointError(f"{self.path / CONFIG} lists '{str(name)[:80]}' as its "
+                                  f"'{role}' file, which is not a checkpoint file name; the "
+                                  "checkpoint is damaged or crafted: re-train or restore it")
         try:
-            return load_file(self.path / name)
+            mode = os.lstat(path).st_mode
+        except OSError:
+            mode = 0
+        if not stat.S_ISREG(mode):  # a FIFO, device or link would hang or leave the folder
+            raise CheckpointError(f"{path} is missing or not a regular file; the checkpoint "
+                                  "is damaged: re-train or restore it")
+        try:
+            return load_file(path)
         except Exception as exc:
             raise CheckpointError(
                 f"cannot read {self.path / name} ({exc}); the checkpoint is damaged: "
@@ -190,7 +228,8 @@ def read_checkpoint(path: str | Path, kind: str | tuple[str, ...] | None = None)
             f"{d} is not a guidekit checkpoint (no {CONFIG}); expected {what} directory"
         )
     cfg = _read_config(d)
-    if not isinstance(cfg, dict) or "kind" not in cfg or "files" not in cfg:
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("kind"), str) or not isinstance(
+            cfg.get("files"), dict):
         raise CheckpointError(f"{d / CONFIG} is not a guidekit checkpoint config")
     if kinds and cfg["kind"] not in kinds:
         raise CheckpointError(
