@@ -17,6 +17,7 @@ no ``output_blocks``); ``--classifier_*`` flags on a diffusion model's weights a
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import warnings
 from pathlib import Path
@@ -487,8 +488,12 @@ def convert_adm(weights: str | Path, out: str | Path, flags: list[str] | None = 
 # --------------------------------------------------------------------------- PDAE
 
 
-def _field(d: dict[str, Any], key: str, types: tuple[type, ...], where: str,
-           default: Any = ...) -> Any:
+def config_field(d: dict[str, Any], key: str, types: tuple[type, ...], where: str,
+                 default: Any = ..., low: float | None = None, high: float | None = None
+                 ) -> Any:
+    """``d[key]`` (``default`` when absent; an error when there is none) checked to be of
+    ``types`` (``type(None)`` admits null) and, for numbers, finite and within [low, high]:
+    a read config file is data, so anything else is a one-line error."""
     if key not in d:
         if default is ...:
             raise GuidekitError(f"{where} has no '{key}'")
@@ -497,11 +502,18 @@ def _field(d: dict[str, Any], key: str, types: tuple[type, ...], where: str,
     if isinstance(v, bool) and bool not in types or not isinstance(v, types):
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise GuidekitError(f"{where}: '{key}' must be {names}, got {v!r:.60}")
+    if (low is not None or high is not None) and isinstance(v, (int, float)) and (
+            not isinstance(v, bool)):
+        inside = abs(v) < 1e300 and math.isfinite(v) and (low is None or v >= low) and (
+            high is None or v <= high)
+        if not inside:
+            raise GuidekitError(f"{where}: '{key}' must lie in [{low}, {high}], got "
+                                f"{str(v)[:60]}")
     return v
 
 
 def _int_list(d: dict[str, Any], key: str, where: str, numbers: bool = False) -> tuple:
-    v = _field(d, key, (list,), where)
+    v = config_field(d, key, (list,), where)
     ok = (int, float) if numbers else (int,)
     if not v or any(isinstance(x, bool) or not isinstance(x, ok) or x <= 0 for x in v):
         raise GuidekitError(f"{where}: '{key}' must be a list of positive numbers, got "
@@ -526,31 +538,31 @@ def _pdae_config(path: Path, image_size: int) -> tuple[Any, Any]:
         raise GuidekitError(f"{path} must be a mapping with diffusion_config and "
                             f"denoise_fn_config, got {type(doc).__name__}")
     where = f"{path.name} denoise_fn_config"
-    net = _field(doc, "denoise_fn_config", (dict,), path.name)
-    diff = _field(doc, "diffusion_config", (dict,), path.name)
-    if _field(net, "dims", (int,), where, 2) != 2:
+    net = config_field(doc, "denoise_fn_config", (dict,), path.name)
+    diff = config_field(doc, "diffusion_config", (dict,), path.name)
+    if config_field(net, "dims", (int,), where, 2) != 2:
         raise GuidekitError(f"{where}: only 2-D (image) models can be converted")
     num = (int, float)
     factors = _int_list(net, "attention_resolutions", where)
     mult = _int_list(net, "channel_multiplier", where, numbers=True)
     occur = {2**i for i in range(len(mult))}
-    head = _field(net, "head_channel", (int,), where, -1)
+    head = config_field(net, "head_channel", (int,), where, -1)
     cfg = UNetConfig(
-        image_size=image_size, in_channels=_field(net, "input_channel", (int,), where),
-        model_channels=_field(net, "base_channel", (int,), where), channel_mult=mult,
-        num_res_blocks=_field(net, "num_residual_blocks_of_a_block", (int,), where),
+        image_size=image_size, in_channels=config_field(net, "input_channel", (int,), where),
+        model_channels=config_field(net, "base_channel", (int,), where), channel_mult=mult,
+        num_res_blocks=config_field(net, "num_residual_blocks_of_a_block", (int,), where),
         attention_resolutions=tuple(sorted({image_size // f for f in factors if f in occur},
                                            reverse=True)),
-        num_heads=_field(net, "num_heads", (int,), where, 1),
+        num_heads=config_field(net, "num_heads", (int,), where, 1),
         num_head_channels=head if head != 0 else -1,
-        dropout=float(_field(net, "dropout", num, where, 0.0)),
+        dropout=float(config_field(net, "dropout", num, where, 0.0)),
         use_scale_shift_norm=True, resblock_updown=True,  # PDAE's UNet always
-        use_new_attention_order=_field(net, "use_new_attention_order", (bool,), where, False),
-        learn_sigma=_field(net, "learn_sigma", (bool,), where, False),
-        num_classes=_field(net, "num_class", (int, type(None)), where, None))
+        use_new_attention_order=config_field(net, "use_new_attention_order", (bool,), where, False),
+        learn_sigma=config_field(net, "learn_sigma", (bool,), where, False),
+        num_classes=config_field(net, "num_class", (int, type(None)), where, None))
     dwhere = f"{path.name} diffusion_config"
-    steps = _field(diff, "timesteps", (int,), dwhere)
-    kind = _field(diff, "betas_type", (str,), dwhere)
+    steps = config_field(diff, "timesteps", (int,), dwhere)
+    kind = config_field(diff, "betas_type", (str,), dwhere)
     if kind not in ("linear", "cosine") or steps < 1:
         raise GuidekitError(f"{dwhere}: betas_type must be linear or cosine and timesteps "
                             f">= 1, got {kind!r:.30}, {steps}")

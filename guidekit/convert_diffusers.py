@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from guidekit.convert import check_out, write_converted
+from guidekit.convert import check_out, config_field, write_converted
 from guidekit.errors import GuidekitError
 
 __all__ = ["EXTRA", "convert_diffusers", "map_state_dict", "require_diffusers"]
@@ -63,25 +63,6 @@ def _json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise GuidekitError(f"{path} must hold a JSON object ({what})")
     return d
-
-
-def _get(d: dict[str, Any], key: str, default: Any, types: tuple[type, ...], where: str,
-         low: float | None = None, high: float | None = None) -> Any:
-    """``d[key]`` (or ``default``) checked to be of ``types`` and, for numbers, finite and in
-    [low, high]; a one-line error otherwise. A None default lets null through."""
-    v = d.get(key, default)
-    if v is None and default is None:
-        return None
-    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-        names = " or ".join(t.__name__ for t in types)
-        raise GuidekitError(f"{where}: '{key}' must be {names}, got {str(v)[:80]!r}")
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and (low is not None
-                                                                  or high is not None):
-        ok = abs(v) < 1e300 and math.isfinite(float(v))
-        if not ok or (low is not None and v < low) or (high is not None and v > high):
-            raise GuidekitError(f"{where}: '{key}' must lie in [{low}, {high}], got "
-                                f"{str(v)[:80]}")
-    return v
 
 
 def _folders(path: Path, scheduler: Path | None) -> tuple[Path, Path]:
@@ -139,13 +120,13 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
                                 "UNet does not have")
     if d.get("act_fn", "silu") not in ("silu", "swish"):
         raise GuidekitError(f"{where}: act_fn={d['act_fn']!r}: guidekit's UNet uses SiLU")
-    boc = _get(d, "block_out_channels", [224, 448, 672, 896], (list,), where)
+    boc = config_field(d, "block_out_channels", (list,), where, [224, 448, 672, 896])
     if not 1 <= len(boc) <= 8 or not all(
             isinstance(c, int) and not isinstance(c, bool) and 0 < c <= 8192 for c in boc):
         raise GuidekitError(f"{where}: block_out_channels must be 1 to 8 integers in "
                             "1..8192")
-    down = _get(d, "down_block_types", None, (list,), where) or []
-    up = _get(d, "up_block_types", None, (list,), where) or []
+    down = config_field(d, "down_block_types", (list, type(None)), where, None) or []
+    up = config_field(d, "up_block_types", (list, type(None)), where, None) or []
     for kind, table in ((down, _DOWN), (up, _UP)):
         for name in kind:
             if not isinstance(name, str) or name not in table:
@@ -158,7 +139,7 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
     if [_UP[n] for n in reversed(up)] != attn:
         raise GuidekitError(f"{where}: the up path's attention does not mirror the down "
                             "path's; guidekit's UNet puts attention at the same levels in both")
-    size = image_size or _get(d, "sample_size", None, (int, list), where)
+    size = image_size or config_field(d, "sample_size", (int, list, type(None)), where, None)
     if isinstance(size, list):
         if len(size) != 2 or size[0] != size[1]:
             raise GuidekitError(f"{where}: sample_size {str(size)[:80]} is not square; give "
@@ -171,7 +152,7 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
                             f"of {factor}")
     if size > 4096:
         raise GuidekitError(f"{where}: image size {size} is above guidekit's 4096")
-    groups = _get(d, "norm_num_groups", 32, (int,), where, 1, 8192)
+    groups = config_field(d, "norm_num_groups", (int,), where, 32, 1, 8192)
     if d.get("attn_norm_num_groups") not in (None, groups):
         raise GuidekitError(f"{where}: attn_norm_num_groups differs from norm_num_groups")
     for key in ("downsample_type", "upsample_type"):
@@ -180,7 +161,7 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
             raise GuidekitError(f"{where}: {key}={d[key]!r} is not supported (only conv)")
     head = d.get("attention_head_dim", 8)  # None: one head per layer
     if head is not None:
-        head = _get(d, "attention_head_dim", 8, (int,), where, 1, 8192)
+        head = config_field(d, "attention_head_dim", (int,), where, 8, 1, 8192)
     shift = d.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         raise GuidekitError(f"{where}: resnet_time_scale_shift={shift!r} is not supported")
@@ -193,29 +174,30 @@ def _unet_config(d: dict[str, Any], image_size: int | None, where: str) -> Any:
     if emb_dim not in (None, 4 * boc[0]):
         raise GuidekitError(f"{where}: time_embedding_dim={emb_dim!r}: guidekit's UNet "
                             f"embeds time in 4 × block_out_channels[0] = {4 * boc[0]}")
-    in_ch = _get(d, "in_channels", 3, (int,), where, 1, 64)
-    out_ch = _get(d, "out_channels", 3, (int,), where, 1, 128)
+    in_ch = config_field(d, "in_channels", (int,), where, 3, 1, 64)
+    out_ch = config_field(d, "out_channels", (int,), where, 3, 1, 128)
     if out_ch not in (in_ch, 2 * in_ch):
         raise GuidekitError(f"{where}: out_channels={out_ch} for in_channels={in_ch}: "
                             "expected ε (the same) or ε and the variance values (twice)")
-    classes = _get(d, "num_class_embeds", None, (int,), where, 1, 1_000_000)
+    classes = config_field(d, "num_class_embeds", (int, type(None)), where, None, 1,
+                           1_000_000)
     try:
         return UNetConfig(
             image_size=size, in_channels=in_ch, model_channels=boc[0],
             channel_mult=tuple(_mult(c, boc[0]) for c in boc),
-            num_res_blocks=_get(d, "layers_per_block", 2, (int,), where, 1, 16),
+            num_res_blocks=config_field(d, "layers_per_block", (int,), where, 2, 1, 16),
             attention_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
             num_heads=1, num_head_channels=-1 if head is None else head,
-            dropout=float(_get(d, "dropout", 0.0, (int, float), where, 0, 0.999)),
+            dropout=float(config_field(d, "dropout", (int, float), where, 0.0, 0, 0.999)),
             use_scale_shift_norm=shift == "scale_shift",
             resblock_updown=False, conv_resample=True,
             learn_sigma=out_ch == 2 * in_ch, num_classes=classes,
             norm_groups=groups,
-            norm_eps=float(_get(d, "norm_eps", 1e-5, (int, float), where, 1e-12, 1.0)),
-            flip_sin_to_cos=_get(d, "flip_sin_to_cos", True, (bool,), where),
-            freq_shift=float(_get(d, "freq_shift", 0, (int, float), where, -1e6, 1e6)),
-            downsample_padding=_get(d, "downsample_padding", 1, (int,), where, 0, 1),
-            mid_attention=_get(d, "add_attention", True, (bool,), where),
+            norm_eps=float(config_field(d, "norm_eps", (int, float), where, 1e-5, 1e-12, 1.0)),
+            flip_sin_to_cos=config_field(d, "flip_sin_to_cos", (bool,), where, True),
+            freq_shift=float(config_field(d, "freq_shift", (int, float), where, 0, -1e6, 1e6)),
+            downsample_padding=config_field(d, "downsample_padding", (int,), where, 1, 0, 1),
+            mid_attention=config_field(d, "add_attention", (bool,), where, True),
         )
     except GuidekitError as exc:
         raise GuidekitError(f"{where}: {exc}") from None
@@ -239,22 +221,22 @@ def _schedule(d: dict[str, Any], where: str, learned: bool) -> tuple[Any, dict[s
                      ("rescale_betas_zero_snr", "a zero-terminal-SNR schedule")):
         if d.get(key, False):
             raise GuidekitError(f"{where}: {key}=true ({why}) is not supported")
-    if _get(d, "clip_sample_range", 1.0, (int, float), where, 0, 1e6) != 1.0:
+    if config_field(d, "clip_sample_range", (int, float), where, 1.0, 0, 1e6) != 1.0:
         raise GuidekitError(f"{where}: clip_sample_range must be 1.0 (guidekit clips x̂_0 "
                             "to [-1, 1])")
-    variance = _get(d, "variance_type", "fixed_small", (str,), where)
+    variance = config_field(d, "variance_type", (str,), where, "fixed_small")
     if variance not in _VARIANCE:
         raise GuidekitError(f"{where}: variance_type={variance!r} is not supported: use "
                             f"{', '.join(_VARIANCE)}")
     if (variance == "learned_range") != learned:
         raise GuidekitError(f"{where}: variance_type={variance!r} does not fit a UNet that "
                             f"{'predicts' if learned else 'does not predict'} the variance")
-    spacing = _get(d, "timestep_spacing", "leading", (str,), where)
+    spacing = config_field(d, "timestep_spacing", (str,), where, "leading")
     if spacing not in _SPACINGS:
         raise GuidekitError(f"{where}: timestep_spacing={spacing!r}: choose one of "
                             f"{', '.join(_SPACINGS)}")
-    clip = _get(d, "clip_sample", True, (bool,), where)
-    T = _get(d, "num_train_timesteps", 1000, (int,), where, 1, 100_000)
+    clip = config_field(d, "clip_sample", (bool,), where, True)
+    T = config_field(d, "num_train_timesteps", (int,), where, 1000, 1, 100_000)
     diffusers = require_diffusers()
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ class DPM:
         d = self.config["data"]
         return d["channels"], d["image_size"], d["image_size"]
 
-    @property
+    @functools.cached_property
     def defaults(self) -> SamplingDefaults:
         """Clipping, fixed Σ and step spacing when a command gives none."""
         d = self.config.get("sampling", {})
@@ -171,7 +172,7 @@ def load_dpm(path: str | Path, device: str | torch.device = "cpu", role: str = "
     model.to(device).eval().requires_grad_(False)
     schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
     dpm = DPM(model, schedule.to(device), ckpt)
-    dpm.defaults  # noqa: B018 -- a bad "sampling" entry fails here, in one line
+    dpm.defaults  # noqa: B018 -- read once at load, so a bad "sampling" entry fails here
     return dpm
 
 

@@ -412,13 +412,20 @@ def test_pdae_trains_and_reconstructs_on_a_diffusers_unet(pipe, tmp_path, guidek
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
 ])
 def test_hostile_scheduler_configs_get_one_line(tmp_path, guidekit_cli, bad, text):
-    src = save_pipeline(tmp_path / "pipe", make_unet())
-    path = src / "scheduler" / "scheduler_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **bad}))
-    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
-                    str(tmp_path / "o"))
+    src, code, out = convert_edited(tmp_path, guidekit_cli, "scheduler/scheduler_config.json",
+                                    bad)
     assert code == 2 and text in out and len(out.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def convert_edited(tmp_path, guidekit_cli, name, changes):
+    """Save a pipeline, update one of its JSON files with ``changes``, convert it by the CLI:
+    (the pipeline folder, exit status, output)."""
+    src = save_pipeline(tmp_path / "pipe", make_unet())
+    path = src / name
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return src, *cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
+                     str(tmp_path / "o"))
 
 
 @pytest.mark.parametrize("bad,text", [
@@ -432,12 +439,9 @@ def test_hostile_scheduler_configs_get_one_line(tmp_path, guidekit_cli, bad, tex
     ({"sample_size": [16, 32]}, "not square"),
 ])
 def test_hostile_unet_configs_get_one_line(tmp_path, guidekit_cli, bad, text):
-    src = save_pipeline(tmp_path / "pipe", make_unet())
-    path = src / "unet" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **bad}))
-    code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
-                    str(tmp_path / "o"))
+    src, code, out = convert_edited(tmp_path, guidekit_cli, "unet/config.json", bad)
     assert code == 2 and text in out and len(out.splitlines()) == 1
+    path = src / "unet" / "config.json"
     path.write_text("[" * 100_000 + "]" * 100_000)  # nested past the parser's recursion
     code, out = cli(guidekit_cli, "convert", "diffusers", str(src), "--out",
                     str(tmp_path / "o"))
