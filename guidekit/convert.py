@@ -17,12 +17,12 @@ no ``output_blocks``); ``--classifier_*`` flags on a diffusion model's weights a
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+from guidekit.config import config_field
 from guidekit.errors import CheckpointError, GuidekitError
 
 __all__ = [
@@ -486,30 +486,6 @@ def convert_adm(weights: str | Path, out: str | Path, flags: list[str] | None = 
 
 
 # --------------------------------------------------------------------------- PDAE
-
-
-def config_field(d: dict[str, Any], key: str, types: tuple[type, ...], where: str,
-                 default: Any = ..., low: float | None = None, high: float | None = None
-                 ) -> Any:
-    """``d[key]`` (``default`` when absent; an error when there is none) checked to be of
-    ``types`` (``type(None)`` admits null) and, for numbers, finite and within [low, high]:
-    a read config file is data, so anything else is a one-line error."""
-    if key not in d:
-        if default is ...:
-            raise GuidekitError(f"{where} has no '{key}'")
-        return default
-    v = d[key]
-    if isinstance(v, bool) and bool not in types or not isinstance(v, types):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise GuidekitError(f"{where}: '{key}' must be {names}, got {v!r:.60}")
-    if (low is not None or high is not None) and isinstance(v, (int, float)) and (
-            not isinstance(v, bool)):
-        inside = abs(v) < 1e300 and math.isfinite(v) and (low is None or v >= low) and (
-            high is None or v <= high)
-        if not inside:
-            raise GuidekitError(f"{where}: '{key}' must lie in [{low}, {high}], got "
-                                f"{str(v)[:60]}")
-    return v
 
 
 def _int_list(d: dict[str, Any], key: str, where: str, numbers: bool = False) -> tuple:

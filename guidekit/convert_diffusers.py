@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from guidekit.convert import check_out, config_field, write_converted
+from guidekit.config import config_field
+from guidekit.convert import check_out, write_converted
 from guidekit.errors import GuidekitError
 
 __all__ = ["EXTRA", "convert_diffusers", "map_state_dict", "require_diffusers"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,20 @@ from PIL import Image
 
 from guidekit.checkpoint import atomic_path
 from guidekit.errors import GuidekitError
+from guidekit.memory import check_fits
+from guidekit.options import check_seed
 
 __all__ = [
     "BUILTIN_DATASETS",
     "COLOURS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_SIZE",
     "SHAPES",
     "SPLITS",
     "ImageData",
+    "check_image_size",
+    "check_output_dir",
+    "check_png_path",
     "load_digits",
     "load_image_folder",
     "make_shapes",
@@ -36,6 +43,10 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
+# The largest image side guidekit reads or builds a model for (ADM's largest is 512).
+MAX_IMAGE_SIZE = 4096
+# Dataset memory: the float32 images plus one working copy (the resize or the uint8 stack).
+_DATA_COPIES = 2
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 DIGITS_TEST_SIZE = 297  # 1797 images in total: 1500 train / 297 test
@@ -116,6 +127,21 @@ def _check_positive_int(value: object, what: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_image_size(value: object, what: str = "image_size", minimum: int = 1) -> int:
+    """``value`` as an int when ``minimum`` <= value <= :data:`MAX_IMAGE_SIZE`, else a
+    one-line error."""
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+            or not minimum <= value <= MAX_IMAGE_SIZE):
+        raise GuidekitError(f"{what} (--image-size) must be an integer from {minimum} to "
+                            f"{MAX_IMAGE_SIZE}, got {value!r}: pick a size in that range")
+    return int(value)
+
+
+def _check_fits(count: int, channels: int, size: int, what: str) -> None:
+    check_fits(count * channels * size * size * 4 * _DATA_COPIES, "cpu",
+               f"{what} ({count} images of {channels}x{size}x{size})", "lower --image-size")
+
+
 # --------------------------------------------------------------------------- digits
 
 
@@ -134,12 +160,13 @@ def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
 def load_digits(split: str = "train", image_size: int = 16) -> ImageData:
     """scikit-learn's 8x8 digits, upsampled bilinearly; 1500 train / 297 test, 10 classes."""
     check_split(split)
-    size = _check_positive_int(image_size, "digits image_size", minimum=8)
+    size = check_image_size(image_size, "digits image_size", minimum=8)
     images, targets = _digits_raw()
     # Fixed permutation, independent of any user seed, so the test split never changes.
     order = np.random.default_rng(0).permutation(len(images))
     n_train = len(images) - DIGITS_TEST_SIZE
     idx = order[:n_train] if split == "train" else order[n_train:]
+    _check_fits(len(idx), 1, size, f"digits {split}")
     x = torch.from_numpy(images[idx].copy()).unsqueeze(1)  # (N, 1, 8, 8)
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -207,9 +234,10 @@ def make_shapes(
     (seed, split, n), not on image_size.
     """
     check_split(split)
-    size = _check_positive_int(image_size, "shapes image_size")
+    size = check_image_size(image_size, "shapes image_size")
     count = SHAPES_DEFAULT_N[split] if n is None else _check_positive_int(n, "shapes n")
-    seed = _check_positive_int(seed, "seed", minimum=0)
+    seed = check_seed(seed)
+    _check_fits(count, 3, size, f"shapes {split}")
     rng = _shapes_rng(seed, split)
     shape = rng.integers(0, len(SHAPES), size=count)
     colour = rng.integers(0, len(COLOURS), size=count)
@@ -252,10 +280,32 @@ def _find_images(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit "L": PIL's own convert
+    clips these to 0..255, crushing a 16-bit ramp to two or three levels."""
+    a = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        levels = a.astype(np.uint32)
+    elif im.mode == "I":
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo >= 0 and hi <= 65535:  # 16-bit samples (older PIL opens 16-bit PNGs as "I")
+            levels = a.astype(np.int64)
+        else:  # no known range: stretch what is there over 16 bits
+            levels = (a.astype(np.float64) - lo) * (65535 / max(hi - lo, 1))
+    else:  # "F": [0, 1] when it fits there, else 0..255 like PIL's own 8-bit modes
+        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 65535.0 if f.size and f.max() <= 1.0 else 257.0
+        levels = np.clip(f, 0.0, None) * scale
+    out = np.clip(np.rint(np.asarray(levels, dtype=np.float64) / 257.0), 0, 255)
+    return Image.fromarray(out.astype(np.uint8), "L")
+
+
 def _load_one(path: Path, image_size: int, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I") or im.mode == "F":
+                im = _to_8bit(im)
             # Palette/alpha images: go through RGBA so transparency is dropped consistently.
             if im.mode in ("P", "PA", "LA", "RGBA") and mode == "RGB":
                 im = im.convert("RGBA")
@@ -277,7 +327,7 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
     Files with extensions in :data:`IMAGE_EXTENSIONS` (any case) are used; hidden files and
     folders are skipped. The result is unlabelled.
     """
-    size = _check_positive_int(image_size, "image_size")
+    size = check_image_size(image_size, "image_size")
     if channels not in (1, 3):
         raise GuidekitError(f"channels must be 1 or 3, got {channels!r}; pick one of them")
     root = Path(path).expanduser()
@@ -291,6 +341,7 @@ def load_image_folder(path: str | Path, image_size: int, channels: int = 3) -> I
             f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
             "add images or pick another folder"
         )
+    _check_fits(len(files), channels, size, f"image folder {root}")
     mode = "RGB" if channels == 3 else "L"
     arrays = np.stack([_load_one(f, size, mode) for f in files])  # (N, H, W[, 3]) uint8
     if channels == 1:
@@ -345,6 +396,49 @@ def _to_uint8(images: torch.Tensor, what: str) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def _check_can_create(path: Path, flag: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder this process may write."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GuidekitError(f"{flag} {path}: {parent} is a file, not a folder: choose a path "
+                            "under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GuidekitError(f"{flag} {path}: cannot write in {parent} (permission denied): "
+                            "choose a writable folder or fix its permissions")
+
+
+def check_png_path(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a Path when a PNG can be written there (a .png name, not a folder, with
+    writable folders above), else a one-line error naming ``flag``: checked before the work
+    that makes the image, so a typo does not cost a whole sampling run."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise GuidekitError(f"{flag} {path} is a folder: give a file name like "
+                            f"{path / 'samples.png'}")
+    if path.suffix.lower() != ".png":
+        raise GuidekitError(f"cannot write {path}: images are saved as PNG; use a .png name")
+    _check_can_create(path, flag)
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str = "--out-dir") -> Path:
+    """``path`` as a Path when it is, or can be made, a folder this process writes in; else a
+    one-line error naming ``flag``."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise GuidekitError(f"{flag} {path} is a file, not a folder: give a folder (it "
+                                "is created when missing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise GuidekitError(f"{flag} {path}: cannot write in it (permission denied): "
+                                "choose a writable folder or fix its permissions")
+        return path
+    _check_can_create(path, flag)
+    return path
+
+
 def _write_png(array: np.ndarray, path: Path) -> Path:
     """Write an (H, W, C) uint8 array as a PNG atomically."""
     if path.suffix.lower() != ".png":
@@ -370,6 +464,7 @@ def save_image_grid(
     ``rows * (H * scale + padding) + padding`` pixels high and likewise wide.
     """
     arr = _to_uint8(images, "save_image_grid")
+    path = check_png_path(path, "save_image_grid path")
     n, h, w, c = arr.shape
     per_row = math.ceil(math.sqrt(n)) if nrow is None else _check_positive_int(nrow, "nrow")
     pad = _check_positive_int(padding, "padding", minimum=0)
@@ -384,11 +479,11 @@ def save_image_grid(
         r, q = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[top : top + h, left : left + w] = arr[i]
-    return _write_png(grid, Path(path))
+    return _write_png(grid, path)
 
 
 def save_images(images: torch.Tensor, directory: str | Path, prefix: str = "sample") -> list[Path]:
     """Write each image in [-1, 1], (N, C, H, W), as ``{prefix}_{i:05d}.png`` in directory."""
     arr = _to_uint8(images, "save_images")
-    out = Path(directory)
+    out = check_output_dir(directory, "save_images directory")
     return [_write_png(a, out / f"{prefix}_{i:05d}.png") for i, a in enumerate(arr)]

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from guidekit import lookup, ops
 from guidekit import trainer_options as opt
-from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
-from guidekit.config import ConfigMixin
-from guidekit.data import ImageData, save_image_grid
+from guidekit.checkpoint import Checkpoint, load_module, read_checkpoint
+from guidekit.config import ConfigMixin, config_field
+from guidekit.data import MAX_IMAGE_SIZE, ImageData, save_image_grid
 from guidekit.distributed import resolve_device
 from guidekit.engine import VARIANCES, Sampler
 from guidekit.errors import GuidekitError
@@ -22,7 +22,7 @@ from guidekit.lookup import build_model, load_dataset, weighting_table
 from guidekit.options import Option
 from guidekit.schedule import SPACINGS, NoiseSchedule, ScheduleConfig
 from guidekit.specs import StepReport, TrainerContext
-from guidekit.training import TrainConfig, fit
+from guidekit.training import TrainConfig, check_trainable, fit
 from guidekit.unet import UNet, UNetConfig
 
 __all__ = [
@@ -167,10 +167,13 @@ def load_dpm(path: str | Path, device: str | torch.device = "cpu", role: str = "
     ``device`` (``auto``: a GPU when there is one)."""
     device = resolve_device(device)
     ckpt = read_checkpoint(path, KIND)
-    model = build_model(ckpt.config["model"])
-    load_weights(model, ckpt.module_tensors(role, "model"), str(path))
+    with ckpt.reading():
+        schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.section("schedule")))
+        data = ckpt.section("data")
+        config_field(data, "channels", (int,), "'data'", low=1, high=1024)
+        config_field(data, "image_size", (int,), "'data'", low=1, high=MAX_IMAGE_SIZE)
+    model = load_module(ckpt, role, "model", lambda: build_model(ckpt.section("model")))
     model.to(device).eval().requires_grad_(False)
-    schedule = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
     dpm = DPM(model, schedule.to(device), ckpt)
     dpm.defaults  # noqa: B018 -- read once at load, so a bad "sampling" entry fails here
     return dpm
@@ -221,6 +224,7 @@ def train_ddpm(
     weights = weighting_table(weighting, sched, weighting_options)
     resolved = lookup.weighting_options(weighting, weighting_options)
     meta = {"name": weighting, "options": _plain(resolved)}
+    check_trainable(lambda: UNet(unet), config, f"a UNet {_size_text(unet)}", _SMALLER)
     torch.manual_seed(config.seed)  # the initial weights
     task = DDPMTask(UNet(unet), sched, weights, meta, data)
     result = fit(task, data, out, config, resume=resume, progress=progress)
@@ -234,6 +238,15 @@ def train_ddpm(
     if samples and result.is_main:
         summary["samples"] = str(sample_grid(out, samples, seed=config.seed))
     return summary
+
+
+_SMALLER = "lower --model-channels, --channel-mult or --num-res-blocks"
+
+
+def _size_text(cfg: UNetConfig) -> str:
+    return (f"of --model-channels {cfg.model_channels}, --channel-mult "
+            f"{','.join(f'{m:g}' for m in cfg.channel_mult)}, --num-res-blocks "
+            f"{cfg.num_res_blocks}")
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,11 @@ def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.
     checked. Anything else is a one-line error."""
     if isinstance(device, torch.device):
         return device
+    if device is not None and not isinstance(device, str):
+        raise GuidekitError(f"device must be a name like cpu or cuda:0, got {device!r}")
+    if device is not None and not device.strip():
+        # typer hands `--device ''` over as ''; reading it as auto would hide the mistake
+        raise GuidekitError("--device is empty: use auto, cpu, cuda or cuda:N")
     spec = (device or DEFAULT_DEVICE).strip().lower()
     if spec == "auto":
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,8 +72,9 @@ def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.
             raise GuidekitError(f"--device {device} was asked for, but no CUDA GPU is "
                                 "available: use --device cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise GuidekitError(f"--device {device}: there are only "
-                                f"{torch.cuda.device_count()} CUDA GPUs")
+            count = torch.cuda.device_count()
+            raise GuidekitError(f"--device {device}: there are only {count} CUDA GPUs: use "
+                                f"cuda:0..cuda:{count - 1}")
     return dev
 
 

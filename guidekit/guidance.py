@@ -14,7 +14,7 @@ A guidance returns one of two forms, named by its ``form`` attribute:
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -35,6 +35,7 @@ __all__ = [
     "compose",
     "count_diverged",
     "guidance_form",
+    "parse_timestep_spec",
     "timestep_weight",
 ]
 
@@ -144,6 +145,36 @@ def check_finite(finite: dict[str, Tensor], x: Tensor) -> None:
                                 f"{diverged}: check its options, or lower --scale")
 
 
+def parse_timestep_spec(spec: object) -> tuple[str, float, float] | None:
+    """The one reading of a guidance schedule spec (see :func:`timestep_weight`):
+    None for ``constant``, else ``(kind, lo, hi)`` with an empty bound as ∓inf. A spec that
+    is empty, malformed, has a bound that is not a number, or LO ≥ HI is a one-line error."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise GuidekitError("--guidance-schedule is empty: give constant, snr:LO:HI or t:LO:HI")
+    kind, *bounds = spec.strip().lower().split(":")
+    if kind == "constant" and not bounds:
+        return None
+    if kind not in ("snr", "t") or len(bounds) != 2:
+        raise GuidekitError(f"bad guidance schedule '{spec}': use 'constant', 'snr:LO:HI' or "
+                            "'t:LO:HI'")
+    values = []
+    for bound, empty in zip(bounds, (-math.inf, math.inf), strict=True):
+        try:
+            v = float(bound) if bound.strip() else empty
+        except ValueError:
+            v = math.nan
+        if math.isnan(v):
+            raise GuidekitError(f"bad guidance schedule '{spec}': bound '{bound}' is not a "
+                                f"number: give numbers or leave a bound empty, as in "
+                                f"{kind}:LO:HI or {kind}::HI")
+        values.append(v)
+    lo, hi = values
+    if lo >= hi:
+        raise GuidekitError(f"guidance schedule '{spec}' is off at every timestep: LO must be "
+                            f"below HI in {kind}:LO:HI")
+    return kind, lo, hi
+
+
 def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:
     """A per-timestep weight over the schedule's T original steps from a short spec.
 
@@ -152,20 +183,10 @@ def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:
       e.g. ``snr:0.01:1`` is the content stage of the P2 paper.
     - ``"t:LO:HI"``: on for original timesteps LO ≤ t < HI.
     """
-    s = spec.strip().lower()
-    if s in ("", "constant"):
+    parsed = parse_timestep_spec(spec)
+    if parsed is None:
         return None
-    m = re.fullmatch(r"(snr|t):([^:]*):([^:]*)", s)
-    if not m:
-        raise GuidekitError(
-            f"bad guidance schedule '{spec}': use 'constant', 'snr:LO:HI' or 't:LO:HI'"
-        )
-    kind, lo_s, hi_s = m.groups()
-    try:
-        lo = float(lo_s) if lo_s else float("-inf")
-        hi = float(hi_s) if hi_s else float("inf")
-    except ValueError:
-        raise GuidekitError(f"bad bounds in guidance schedule '{spec}'") from None
+    kind, lo, hi = parsed
     if not torch.equal(schedule.timesteps.cpu(), torch.arange(schedule.num_steps)):
         raise GuidekitError("build guidance schedules on the unrespaced training schedule")
     if kind == "snr":
@@ -174,7 +195,8 @@ def timestep_weight(schedule: NoiseSchedule, spec: str) -> Tensor | None:
         value = torch.arange(schedule.num_steps, dtype=torch.float64)
     w = ((value >= lo) & (value < hi)).to(torch.float32)
     if not bool(w.any()):
-        raise GuidekitError(f"guidance schedule '{spec}' is off at every timestep")
+        raise GuidekitError(f"guidance schedule '{spec}' is off at every timestep of this "
+                            f"schedule: widen {kind}:LO:HI")
     return w.to(schedule.device)
 
 

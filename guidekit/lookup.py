@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guidekit.data import ImageData, check_split, load_image_folder
+from guidekit.data import ImageData, check_image_size, check_split, load_image_folder
 from guidekit.errors import GuidekitError, PluginError
 from guidekit.options import resolve_options
 from guidekit.plugins import get_registry
@@ -35,12 +35,16 @@ __all__ = [
 
 def plugin_call(kind: str, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a plugin's function; its own :class:`GuidekitError` passes through (a user
-    mistake it names), anything else becomes one line naming the plugin."""
+    mistake it names), as does an ``OSError`` about a named file (one the user gave cannot
+    be read or written: the CLI says which, in one line); anything else becomes one line
+    naming the plugin."""
     try:
         return fn(*args, **kwargs)
     except GuidekitError:
         raise
     except (Exception, SystemExit) as exc:
+        if isinstance(exc, OSError) and exc.filename:
+            raise
         owner = get_registry().owners.get((kind, name), "?")
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise PluginError(f"{kind} '{name}' (plugin '{owner}') failed: {reason}; the plugin "
@@ -65,6 +69,12 @@ def load_dataset(
     check_split(split)
     registry = get_registry()
     name = str(name_or_path)
+    if not name.strip():
+        # Path("") is the current directory: an empty --data must not train on whatever is there
+        raise GuidekitError(f"--data is empty: give a dataset name "
+                            f"({', '.join(registry.names('dataset'))}) or a folder of images")
+    if image_size is not None:
+        check_image_size(image_size)  # before a plugin's loader allocates anything
     if name in registry.names("dataset"):
         data = plugin_call("dataset", name, registry.dataset(name).load, split, image_size, seed)
         if not isinstance(data, ImageData):

@@ -8,19 +8,39 @@ Nothing here depends on a CLI library: the CLI modules build their parameters fr
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 from guidekit.errors import GuidekitError
 
-__all__ = ["Option", "describe_options", "parse_option_args", "resolve_options"]
+__all__ = [
+    "MAX_SEED",
+    "Option",
+    "check_seed",
+    "describe_options",
+    "parse_option_args",
+    "resolve_options",
+]
 
 TYPES: tuple[type, ...] = (str, int, float, bool, Path)
 _NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
 _TYPE_NAMES = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "", Path: "PATH"}
+# Seeds are 0 <= seed < 2**63: torch overflows at 2**64 and reads -1 as 2**64 - 1, numpy
+# refuses negatives; this range means the same seed to every RNG and fits a signed int64.
+MAX_SEED = 2**63
+
+
+def check_seed(seed: object, flag: str = "--seed") -> int:
+    """``seed`` as an int when 0 <= seed < 2**63, else a one-line error naming ``flag``."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < MAX_SEED:
+        raise GuidekitError(f"{flag} must be an integer from 0 to 2**63 - 1, got {seed!r}: "
+                            "pick a smaller non-negative seed")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,8 @@ def _coerce(opt: Option, value: Any, what: str = "value") -> Any:
         ok = isinstance(value, str)
     if not ok:
         raise GuidekitError(f"{opt.flag} takes {t.__name__}, got {what} {value!r}")
+    if t is float and math.isnan(value):  # never a setting; inf may be (no bound, no clip)
+        raise GuidekitError(f"{opt.flag} is NaN: give a number")
     if opt.choices and value not in opt.choices:
         raise GuidekitError(f"{opt.flag} must be one of {', '.join(opt.choices)}, "
                             f"got {value!r}")

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -13,18 +15,30 @@ from torch import Tensor
 from guidekit.ddpm import DPM
 from guidekit.engine import respacing
 from guidekit.errors import DivergedError, GuidekitError
-from guidekit.guidance import GuidanceTerm, class_labels, count_diverged, timestep_weight
+from guidekit.guidance import (
+    GuidanceTerm,
+    class_labels,
+    count_diverged,
+    parse_timestep_spec,
+    timestep_weight,
+)
 from guidekit.lookup import guidance_spec, plugin_call
-from guidekit.options import resolve_options
+from guidekit.memory import check_fits
+from guidekit.options import check_seed, resolve_options
 from guidekit.specs import GuidanceContext
 
 __all__ = [
     "GuidanceRequest",
+    "WORKING_COPIES",
     "build_terms",
+    "check_request",
     "dpm_classes",
     "sample",
 ]
 
+# Batch-sized tensors a sampling step holds at once (x_t, ε, x̂_0, the noise, g, x_{t-1},
+# and slack for the model's own): the --n memory bound counts n images this many times.
+WORKING_COPIES = 8
 
 
 @dataclass
@@ -36,6 +50,26 @@ class GuidanceRequest:
     scale: float = 1.0
     schedule: str = "constant"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def _finite(value: object, flag: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise GuidekitError(f"{flag} must be a finite number, got {value!r}: give one like "
+                            "1.0")
+    return float(value)
+
+
+def check_request(req: GuidanceRequest) -> None:
+    """A one-line error unless ``req`` has a name, a finite scale and a well-formed schedule
+    spec (whether the schedule is on at some timestep is checked by ``timestep_weight``)."""
+    if not isinstance(req.name, str) or not req.name.strip():
+        raise GuidekitError("--guidance is empty: give a guidance name (`guidekit plugins` "
+                            "lists them)")
+    _finite(req.scale, f"--scale of guidance '{req.name}'")
+    try:
+        parse_timestep_spec(req.schedule)
+    except GuidekitError as exc:
+        raise GuidekitError(f"guidance '{req.name}': {exc}") from None
 
 
 def dpm_classes(
@@ -62,6 +96,9 @@ def build_terms(
     device = next(iter(dpm.model.parameters())).device
     terms = []
     for req in requests:
+        check_request(req)
+        # the schedule first: a typo in it should not wait for a classifier to load
+        weight = timestep_weight(dpm.schedule, req.schedule)
         spec = guidance_spec(req.name)
         ctx = GuidanceContext(
             model=dpm.model,
@@ -81,8 +118,8 @@ def build_terms(
         terms.append(
             GuidanceTerm(
                 built,
-                scale=req.scale,
-                weight=timestep_weight(dpm.schedule, req.schedule),
+                scale=float(req.scale),
+                weight=weight,
                 name=req.name,
             )
         )
@@ -117,11 +154,29 @@ def sample(
     ``class_per_row``: the class of every sample (see :func:`class_labels`): it conditions a
     class-conditional DPM, and class guidances (the classifier's) steer toward it. A run that
     diverges (non-finite samples) is a one-line :class:`~guidekit.errors.GuidekitError`,
-    never NaNs.
+    never NaNs, and so is a bad value: ``n`` < 1 or more than memory holds
+    (n·C·H·W·4 bytes × :data:`WORKING_COPIES` against the device's memory), a seed
+    outside 0 ≤ seed < 2**63, a non-finite or negative ``eta``, a non-finite scale, an empty
+    schedule, spacing or respacing.
     """
-    if n < 1:
-        raise GuidekitError(f"--n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise GuidekitError(f"--n must be an integer >= 1, got {n!r}")
+    n = int(n)
+    seed = check_seed(seed)
+    eta = _finite(eta, "--eta")
+    if eta < 0:
+        raise GuidekitError(f"--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), "
+                            f"got {eta}")
+    if isinstance(steps, str) and not steps.strip():
+        raise GuidekitError("--respacing is empty: give a spec like ddim25 or 10,5, or "
+                            "leave it out")
+    if spacing is not None and (not isinstance(spacing, str) or not spacing.strip()):
+        raise GuidekitError("--spacing is empty: give leading, linspace or trailing, or "
+                            "leave it out")
     device = next(iter(dpm.model.parameters())).device
+    check_fits(n * math.prod(dpm.image_shape) * 4 * WORKING_COPIES, device,
+               f"sampling --n {n} images of {'x'.join(map(str, dpm.image_shape))}",
+               "lower --n (sample in several runs with different --seed)")
     engine = dpm.sampler(steps=respacing(sampler, steps, spacing or dpm.defaults.spacing),
                          variance=variance, clip_x0=clip_x0, clip_order=clip_order,
                          compile=compile)
@@ -133,9 +188,18 @@ def sample(
                             "--class")
     terms = build_terms(dpm, guidance, n, classes, class_per_row)
     gen = torch.Generator(device).manual_seed(seed)
-    x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,
-                      generator=gen, device=device, progress=progress,
-                      y=None if y is None else y.to(device))
+    try:
+        x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,
+                          generator=gen, device=device, progress=progress,
+                          y=None if y is None else y.to(device))
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        # the bound above counts the images, not the network's activations on them
+        oom = isinstance(exc, torch.OutOfMemoryError) or any(
+            m in str(exc) for m in ("can't allocate memory", "out of memory"))
+        if not oom:
+            raise
+        raise GuidekitError(f"out of memory sampling --n {n} on {device}: lower --n "
+                            "(sample in several runs with different --seed)") from None
     bad = count_diverged(x)
     if bad:
         raise DivergedError(f"{bad} of {n} samples diverged (non-finite values): lower "

@@ -31,6 +31,7 @@ _KINDS = ("linear", "cosine", "given")
 # diffusers' names for where K of the T steps go: "leading" is guidekit's "ddimK" (0, s, 2s,
 # ... with s = T // K), "linspace" its even spacing "K", "trailing" counts back from T − 1.
 SPACINGS = ("leading", "linspace", "trailing")
+MAX_TIMESTEPS = 100_000  # far beyond any published schedule (1000–4000)
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,12 @@ class ScheduleConfig(ConfigMixin):
             choices = ", ".join(_KINDS)
             raise GuidekitError(f"unknown schedule '{self.kind}': choose one of {choices}")
         if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int) or (
-                self.num_timesteps < 1):
-            raise GuidekitError(f"num_timesteps must be an integer >= 1, got "
-                                f"{self.num_timesteps!r}")
+                not 1 <= self.num_timesteps <= MAX_TIMESTEPS):
+            raise GuidekitError(f"num_timesteps (--timesteps) must be an integer in "
+                                f"1..{MAX_TIMESTEPS}, got {self.num_timesteps!r}")
+        if not 0 < self.beta_start <= self.beta_end < 1:  # also refuses NaN
+            raise GuidekitError(f"the schedule needs 0 < beta_start <= beta_end < 1, got "
+                                f"{self.beta_start!r} and {self.beta_end!r}")
         if not isinstance(self.betas, (list, tuple)) or not all(
                 isinstance(b, float) or isinstance(b, int) and not isinstance(b, bool)
                 and abs(b) < 2 for b in self.betas):

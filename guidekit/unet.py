@@ -26,6 +26,9 @@ from guidekit.config import ConfigMixin
 from guidekit.errors import GuidekitError
 
 __all__ = [
+    "MAX_BLOCKS",
+    "MAX_LEVELS",
+    "MAX_WIDTH",
     "POOLS",
     "AttentionBlock",
     "AttentionPool2d",
@@ -54,6 +57,12 @@ __all__ = [
 ]
 
 POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+# Structural bounds, far beyond any published model (ADM: 3 blocks, 5 levels, 256 channels),
+# checked before anything is built: a config asking for a million blocks is refused at once
+# instead of building them one by one. Widths within these are bounded by memory.
+MAX_BLOCKS = 64
+MAX_LEVELS = 16
+MAX_WIDTH = 1 << 16
 # Layout fields older guidekit configs lack; their absence marks a config written before the
 # family covered ADM (see ``BackboneConfig.from_dict``).
 _ADM_FIELDS = ("num_head_channels", "use_scale_shift_norm", "resblock_updown")
@@ -105,12 +114,12 @@ class BackboneConfig(ConfigMixin):
         self.validate()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        d = dict(d)
-        mult = d.get("channel_mult") or [1]
-        if not any(k in d for k in _ADM_FIELDS) and d.get("stem_channels") is None and (
-                mult[0] != 1):
-            d["stem_channels"] = d.get("model_channels", cls.model_channels)
+    def from_dict(cls, d: Any) -> Any:
+        if isinstance(d, dict) and not any(k in d for k in _ADM_FIELDS) and d.get(
+                "stem_channels") is None:
+            mult = d.get("channel_mult")
+            if isinstance(mult, list) and mult and mult[0] != 1:
+                d = {**d, "stem_channels": d.get("model_channels", cls.model_channels)}
         return super().from_dict(d)
 
     @property
@@ -169,8 +178,16 @@ class BackboneConfig(ConfigMixin):
         if self.downsample_padding not in (0, 1):
             raise GuidekitError(f"{name}.downsample_padding must be 0 or 1, "
                                 f"got {self.downsample_padding}")
-        if self.num_res_blocks < 0:
-            raise GuidekitError(f"{name}.num_res_blocks must be >= 0, got {self.num_res_blocks}")
+        if not 0 <= self.num_res_blocks <= MAX_BLOCKS:
+            raise GuidekitError(f"{name}.num_res_blocks must be in 0..{MAX_BLOCKS}, got "
+                                f"{self.num_res_blocks}")
+        for key in ("model_channels", "stem_channels", "image_size"):
+            v = getattr(self, key)
+            if v is not None and v > MAX_WIDTH:
+                raise GuidekitError(f"{name}.{key} must be at most {MAX_WIDTH}, got {v}")
+        if len(self.channel_mult) > MAX_LEVELS or max(self.channel_mult) > MAX_LEVELS:
+            raise GuidekitError(f"{name}.channel_mult must have at most {MAX_LEVELS} levels of "
+                                f"at most {MAX_LEVELS}x, got {self.channel_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise GuidekitError(f"{name}.dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.timestep_scale) and self.timestep_scale > 0):

@@ -97,7 +97,7 @@ def test_wrong_shape_checkpoint(guidekit_dpm, tmp_path, capsys):
     out = tmp_path / "wide"
     shutil.copytree(guidekit_dpm, out)
     cfg = json.loads((out / "config.json").read_text())
-    cfg["model"]["config"]["channel_mult"] = [1, 4]
+    cfg["model"]["config"]["channel_mult"] = [1, 1]
     (out / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(out))
     assert_one_line_error(code, err, "do not match")

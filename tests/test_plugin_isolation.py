@@ -202,3 +202,14 @@ def test_bad_weighting_is_one_line_and_trains_nothing(fresh_plugins, tmp_path, c
                            "--out", str(out))
     assert_one_line_error(code, err, *needles)
     assert not (out / "config.json").exists()
+
+
+def test_an_os_error_about_a_named_file_is_the_users_not_the_plugins():
+    from guidekit.lookup import plugin_call
+
+    def reads(path):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    with pytest.raises(FileNotFoundError) as exc:  # main() prints it as one line
+        plugin_call("guidance", "classifier", reads, "/no/such/classifier")
+    assert exc.value.filename == "/no/such/classifier"

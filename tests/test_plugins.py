@@ -231,6 +231,6 @@ def test_diverged_guided_sampling_is_one_line_and_writes_nothing(
     out = tmp_path / "g.png"
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--steps", "3",
                            "--n", "2", "--sampler", "ddpm", "--guidance", "toward",
-                           "--toward-value", "nan", "--out", str(out), "--json")
+                           "--toward-value", "inf", "--out", str(out), "--json")
     assert_one_line_error(code, err, "2 of 2 samples diverged", "--scale")
     assert not out.exists()

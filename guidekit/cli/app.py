@@ -4,24 +4,31 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from guidekit import __version__
 from guidekit.cli.convert import register as register_convert
-from guidekit.cli.params import EXTRA_ARGS, Device, JSONOut, requests_from_cli
+from guidekit.cli.params import (
+    EXTRA_ARGS,
+    Device,
+    JSONOut,
+    echo_json,
+    plain_console,
+    requests_from_cli,
+)
 from guidekit.cli.params import trainer_command as make_trainer_command
 from guidekit.errors import GuidekitError
-from guidekit.options import describe_options
+from guidekit.options import check_seed, describe_options
 from guidekit.plugins import CORE_NAME, get_manager, get_registry
 
-err = Console(stderr=True)
+err = plain_console(stderr=True)
 CORE_COMMANDS = ("train", "sample", "plugins", "quickstart", "convert")
 # click's exception base, as whichever click typer runs on (typer >= 0.26 ships its own copy)
 _ClickException: type[Exception] = next(
@@ -29,7 +36,12 @@ _ClickException: type[Exception] = next(
 
 
 def _say(line: str) -> None:
-    err.print(line, highlight=False, markup=False, soft_wrap=True)
+    # literal: a message holding "[bold]" or ":a:" (a schedule spec) prints as written
+    err.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def sample_command(
@@ -73,27 +85,37 @@ def sample_command(
 ) -> None:
     """Sample a grid from a trained DPM, optionally guided. Plugin options (e.g.
     --classifier) follow the --guidance that declares them; `guidekit plugins` lists them."""
-    from guidekit.data import save_image_grid, save_images
+    from guidekit.data import check_output_dir, check_png_path, save_image_grid, save_images
     from guidekit.ddpm import load_dpm
     from guidekit.lookup import guidance_spec
     from guidekit.sampling import sample
 
-    if respacing and spacing:
+    if respacing is not None and spacing is not None:
         raise GuidekitError("give --spacing (with --steps) or --respacing, not both")
+    # what only writing would find out, found before the sampling run
+    if nrow is not None and nrow < 1:
+        raise GuidekitError(f"--nrow must be >= 1, got {nrow}: give the images per grid row, "
+                            "or leave it out")
+    check_png_path(out, "--out")
+    if out_dir is not None:
+        check_output_dir(out_dir, "--out-dir")
     requests = requests_from_cli(guidance, scale, guidance_schedule, ctx.args,
                                  lambda name: guidance_spec(name).options)
     dpm = load_dpm(checkpoint, device)
     x = sample(
-        dpm, n, sampler=sampler, steps=respacing or steps, eta=eta, guidance=requests,
-        seed=seed, clip_x0=clip, clip_order=clip_order, variance=variance, spacing=spacing,
-        classes=class_,
-        class_per_row=class_per_row, compile=compile, progress=not json_out,
+        dpm, n, sampler=sampler, steps=steps if respacing is None else respacing, eta=eta,
+        guidance=requests, seed=seed, clip_x0=clip, clip_order=clip_order, variance=variance,
+        spacing=spacing, classes=class_, class_per_row=class_per_row, compile=compile,
+        progress=not json_out,
     )
     grid = save_image_grid(x.cpu(), out, nrow=nrow, scale=max(1, 64 // x.shape[-1]))
-    files = save_images(x.cpu(), out_dir) if out_dir else []
+    files = save_images(x.cpu(), out_dir) if out_dir is not None else []
     result = {"grid": str(grid), "n": n, "files": [str(f) for f in files],
               "mean": float(x.mean()), "std": float(x.std())}
-    typer.echo(json.dumps(result) if json_out else f"wrote {grid}")
+    if json_out:
+        echo_json(result)
+    else:
+        typer.echo(f"wrote {grid}")
 
 
 def plugins_command(json_out: JSONOut = False) -> None:
@@ -105,16 +127,19 @@ def plugins_command(json_out: JSONOut = False) -> None:
         for p in reg.plugins
     ]
     if json_out:
-        typer.echo(json.dumps({"plugins": rows, "failed": [
-            {"name": n, "error": e} for n, e in reg.failures]}, indent=2))
+        echo_json({"plugins": rows, "failed": [
+            {"name": n, "error": e} for n, e in reg.failures]}, indent=2)
         return
     table = Table("plugin", "version", "module", "registers")
     for r in rows:
         regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(r["registers"].items()))
-        table.add_row(r["name"], r["version"], r["module"], regs or "-")
-    Console().print(table)
+        # Text cells: plugin metadata is third-party text, never markup or emoji codes
+        table.add_row(*(Text(str(v)) for v in (r["name"], r["version"], r["module"],
+                                               regs or "-")))
+    out = plain_console()
+    out.print(table)
     for name, error in reg.failures:
-        Console().print(f"failed {name}: {error}", highlight=False, markup=False)
+        out.print(f"failed {name}: {error}", soft_wrap=True)
 
 
 def quickstart_command(
@@ -124,10 +149,16 @@ def quickstart_command(
     json_out: JSONOut = False,
 ) -> None:
     """Train everything on the built-in digits and write grids, tables and report.html."""
+    from guidekit.data import check_output_dir
     from guidekit.quickstart import run_quickstart
 
+    seed = check_seed(seed)
+    check_output_dir(out, "--out")
     summary = run_quickstart(out, fast=fast, seed=seed, progress=not json_out)
-    typer.echo(json.dumps(summary, indent=2) if json_out else f"report: {summary['report']}")
+    if json_out:
+        echo_json(summary, indent=2)
+    else:
+        typer.echo(f"report: {summary['report']}")
 
 
 def plugin_options_help(kind: str, specs: dict) -> str | None:
@@ -209,8 +240,44 @@ def build_app() -> typer.Typer:
     return app
 
 
+# What to do about an OSError, by errno; the rest get _OS_HINT.
+_OS_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check the path's permissions, or write elsewhere",
+    errno.EPERM: "check the path's permissions, or write elsewhere",
+    errno.EISDIR: "give a file name, not a folder",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+    errno.EEXIST: "something already stands there: choose another path or move it",
+    errno.ENOSPC: "free disk space, or write elsewhere",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "free disk space (or quota), or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+_OS_HINT = "check the path and its permissions, or free disk space"
+
+
+def _os_error(exc: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what to do."""
+    what = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = f": {' -> '.join(paths)}" if paths else ""
+    return f"{what}{where}; {_OS_HINTS.get(exc.errno or 0, _OS_HINT)}"
+
+
+def _show_click_error(exc: Exception) -> None:
+    """click's usage errors as one plain line: printed by click (or typer's rich copy) they
+    are several lines, and rich would read ':a:' or '[bold]' in the value as markup."""
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, not a mistake
+        exc.show()  # type: ignore[attr-defined]
+        return
+    ctx = getattr(exc, "ctx", None)
+    see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    _say(f"error: {_one_line(exc.format_message())}{see}")  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes become one line on stderr and exit status 2."""
+    """Entry point: a user mistake becomes one line on stderr and exit status 2 (an
+    :class:`~guidekit.errors.Interrupted` run: its own status, 130 or 143)."""
     code: Any = 0
     try:
         reg = get_registry()
@@ -219,17 +286,17 @@ def main(argv: list[str] | None = None) -> None:
         command = typer.main.get_command(build_app())
         code = command.main(args=argv, prog_name="guidekit", standalone_mode=False)
     except GuidekitError as exc:
-        _say(f"error: {exc}")
-        sys.exit(2)
+        _say(f"error: {_one_line(str(exc))}")
+        sys.exit(exc.exit_code)
     except typer.Exit as exc:
         code = exc.exit_code
     except _ClickException as exc:
-        exc.show()  # type: ignore[attr-defined]
+        _show_click_error(exc)
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
     except (typer.Abort, KeyboardInterrupt):
         code = 130
-    except FileNotFoundError as exc:
-        _say(f"error: {exc.strerror}: {exc.filename}")
+    except OSError as exc:  # a full disk, a read-only folder, a file where a folder goes...
+        _say(f"error: {_os_error(exc)}")
         sys.exit(2)
     if code == 130:
         _say("aborted")

@@ -4,13 +4,12 @@ module only reads the command line and prints)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from guidekit.cli.params import EXTRA_ARGS, JSONOut
+from guidekit.cli.params import EXTRA_ARGS, JSONOut, echo_json
 from guidekit.errors import GuidekitError
 
 __all__ = ["app", "register"]
@@ -41,7 +40,7 @@ def _summary(path: Path, json_out: bool) -> None:
     if "sampling" in cfg:
         info["sampling"] = cfg["sampling"]
     if json_out:
-        typer.echo(json.dumps(info))
+        echo_json(info)
         return
     classes = info["num_classes"] or "unconditional"
     sigma = ", learned Σ" if info["learn_sigma"] else ""

@@ -1,7 +1,7 @@
 """What CLI commands share, the core's and plugins': the ``--device`` and ``--json``
 parameters, guidekit :class:`~guidekit.options.Option` declarations turned into typer
 parameters, trainer commands, guidance requests from the command line, scale lists, and
-printing a result once.
+printing a result once, as valid JSON or as literal text.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ import inspect
 import json
 import keyword
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from guidekit.distributed import DEFAULT_DEVICE, is_main_process
 from guidekit.errors import GuidekitError
@@ -27,7 +29,10 @@ __all__ = [
     "EXTRA_ARGS",
     "Device",
     "JSONOut",
+    "echo_json",
+    "json_safe",
     "parse_scales",
+    "plain_console",
     "report",
     "requests_from_cli",
     "trainer_command",
@@ -68,6 +73,35 @@ def typer_parameters(options: Sequence[Option]) -> list[inspect.Parameter]:
     return params
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by None, recursively in
+    dicts, lists and tuples, numpy/torch values as Python numbers and paths as strings:
+    what strict JSON can hold (json.dumps would write NaN, which JSON parsers refuse)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist") and hasattr(value, "ndim"):  # numpy or torch, any shape
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def echo_json(value: Any, indent: int | None = None) -> None:
+    """Print ``value`` as strict JSON on stdout (see :func:`json_safe`): every ``--json``."""
+    # default=str: an odd value a plugin reports is shown, not a traceback
+    typer.echo(json.dumps(json_safe(value), indent=indent, allow_nan=False, default=str))
+
+
+def plain_console(stderr: bool = False) -> Console:
+    """A console that prints text as given: no markup (``[bold]``), no emoji codes
+    (``:a:``), no highlighting; errors and results hold paths and user text."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False)
+
+
 def report(result: StepReport | dict[str, Any], json_out: bool) -> None:
     """Print a command's result once (on the main process): its figures as JSON with
     ``--json``; else its tables, its text and its title, for a person."""
@@ -75,17 +109,19 @@ def report(result: StepReport | dict[str, Any], json_out: bool) -> None:
         return
     report_ = result if isinstance(result, StepReport) else StepReport("", metrics=result)
     if json_out:
-        typer.echo(json.dumps(report_.metrics))
+        echo_json(report_.metrics)
         return
-    console = Console()
+    console = plain_console()
     for title, rows in report_.tables.items():
-        table = Table(*(rows[0] if rows else ()), title=title)
+        # Text cells stay literal whatever console prints the table
+        table = Table(*(Column(Text(str(k))) for k in (rows[0] if rows else ())),
+                      title=Text(title))
         for row in rows:
-            table.add_row(*(str(v) for v in row.values()))
+            table.add_row(*(Text(str(v)) for v in row.values()))
         console.print(table)
     for line in [*report_.text.splitlines(), report_.title]:
         if line:
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print(line, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def trainer_command(spec: TrainerSpec, weighting: Callable[[str], Sequence[Option]]) -> Callable:
@@ -107,6 +143,10 @@ def trainer_command(spec: TrainerSpec, weighting: Callable[[str], Sequence[Optio
         elif ctx.args:
             raise GuidekitError(f"unexpected argument(s): {' '.join(ctx.args)}")
         options = resolve_options(spec.options, values, f"trainer '{spec.name}'")
+        if isinstance(options.get("out"), Path):  # the checkpoint folder: fail before training
+            from guidekit.data import check_output_dir
+
+            check_output_dir(options["out"], "--out")
         result = spec.train(TrainerContext(options, weighting_values, progress=not json_out))
         report(result, json_out)
 

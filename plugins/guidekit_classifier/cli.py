@@ -10,6 +10,7 @@ import typer
 from guidekit.cli.params import Device, JSONOut, parse_scales, report
 from guidekit.engine import check_sampler
 from guidekit.errors import GuidekitError
+from guidekit.options import check_seed
 
 eval_app = typer.Typer(help="Evaluate guided sampling against a separate judge.",
                        no_args_is_help=True)
@@ -34,11 +35,15 @@ def guidance_command(
     """Sweep the classifier-guidance scale; a separate judge scores every class's samples."""
     # imported here so a broken evaluate module costs only this command
     from guidekit.ddpm import load_dpm
+    from guidekit.sampling import GuidanceRequest, check_request
 
     from .evaluate import evaluate_guidance, same_path, save_sweep
     from .training import JUDGE_KIND, KIND, load_classifier
 
     scale_list = parse_scales(scales)
+    check_seed(seed)
+    # the schedule rule of `guidekit sample` (an empty spec is a mistake, not "constant")
+    check_request(GuidanceRequest("classifier", 1.0, guidance_schedule))
     if same_path(judge, classifier):
         raise GuidekitError("the judge must not be the guiding classifier")
     check_sampler(sampler)

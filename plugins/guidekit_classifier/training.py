@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidekit import ops
-from guidekit.checkpoint import atomic_write_bytes, load_weights, read_checkpoint
+from guidekit.checkpoint import atomic_write_bytes, load_module, read_checkpoint
+from guidekit.config import config_field
 from guidekit.data import ImageData
 from guidekit.ddpm import KIND as DDPM_KIND
 from guidekit.ddpm import data_meta
@@ -29,7 +30,7 @@ from guidekit.distributed import resolve_device
 from guidekit.errors import GuidekitError
 from guidekit.lookup import build_model, dataset_names, load_dataset
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
-from guidekit.training import TrainConfig, fit
+from guidekit.training import TrainConfig, check_trainable, fit
 from guidekit.unet import ClassifierConfig, EncoderUNet
 
 KIND = "classifier"
@@ -161,11 +162,10 @@ def load_classifier(
     mismatched weights are one-line errors."""
     device = resolve_device(device)
     ckpt = read_checkpoint(path, kind)
-    model = build_model(ckpt.config["model"])
+    model = load_module(ckpt, "ema", "model", lambda: build_model(ckpt.section("model")))
     if not isinstance(model, EncoderUNet):
         raise GuidekitError(f"{path} holds a '{ckpt.config['model']['name']}' network, "
                             "not a classifier")
-    load_weights(model, ckpt.module_tensors("ema", "model"), str(path))
     model.to(device).eval().requires_grad_(False)
     cfg = model.config
     sched = ckpt.config.get("schedule")
@@ -245,12 +245,14 @@ def _held_out(data: ImageData, test: ImageData | None) -> ImageData | None:
 def _schedule_from_dpm(
     dpm: str | Path, schedule: ScheduleConfig | None, data: ImageData
 ) -> ScheduleConfig:
-    cfg = read_checkpoint(dpm, DDPM_KIND).config
-    sched = ScheduleConfig.from_dict(cfg["schedule"])
+    ckpt = read_checkpoint(dpm, DDPM_KIND)
+    with ckpt.reading():
+        sched = ScheduleConfig.from_dict(ckpt.section("schedule"))
+        d = {k: config_field(ckpt.section("data"), k, (int,), "'data'")
+             for k in ("image_size", "channels")}
     if schedule is not None and not _same_schedule(schedule, sched):
         raise GuidekitError(f"the DPM at {dpm} uses the {_schedule_text(sched)} schedule, not "
                             f"{_schedule_text(schedule)}: drop --schedule/--timesteps or --dpm")
-    d = cfg["data"]
     if (d["image_size"], d["channels"]) != (data.image_size, data.channels):
         raise GuidekitError(
             f"the DPM at {dpm} makes {d['channels']}x{d['image_size']}px images but "
@@ -292,6 +294,9 @@ def train_classifier(
     config = config or TrainConfig()
     model = _model_for(data, model)
     sched_cfg = _schedule_from_dpm(dpm, schedule, data) if dpm else schedule or ScheduleConfig()
+    check_trainable(lambda: EncoderUNet(model), config,
+                    f"a classifier of --model-channels {model.model_channels}",
+                    "lower --model-channels, --channel-mult or --num-res-blocks")
     torch.manual_seed(config.seed)  # the initial weights
     task = ClassifierTask(EncoderUNet(model), NoiseSchedule.from_config(sched_cfg), data)
     result = fit(task, data, out, config, resume=resume, progress=progress)
@@ -322,6 +327,9 @@ def train_judge(
     out = Path(out)
     config = config or TrainConfig()
     model = _model_for(data, model)
+    check_trainable(lambda: EncoderUNet(model), config,
+                    f"a classifier of --model-channels {model.model_channels}",
+                    "lower --model-channels, --channel-mult or --num-res-blocks")
     torch.manual_seed(config.seed)
     task = JudgeTask(EncoderUNet(model), data)
     result = fit(task, data, out, config, resume=resume, progress=progress)

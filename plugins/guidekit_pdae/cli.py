@@ -11,6 +11,7 @@ import typer
 
 from guidekit import GuidekitError, StepReport, save_image_grid
 from guidekit.cli.params import Device, JSONOut, parse_scales, report
+from guidekit.options import check_seed
 
 from .analysis import (
     first_images,
@@ -101,6 +102,7 @@ def reconstruct_command(
 ) -> None:
     """Autoencode held-out images; SSIM, MSE (images in [0, 1]) and LPIPS per method, and a
     grid: originals, then one row per method."""
+    check_seed(seed)
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
     if xT not in XT_CHOICES:
@@ -175,6 +177,7 @@ def manipulate_command(
     per image, the original, then one column per scale."""
     from guidekit_classifier.training import JUDGE_KIND, load_classifier
 
+    check_seed(seed)
     scale_list = parse_scales(scales)
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
@@ -218,6 +221,7 @@ def gap_command(
     json_out: JSONOut = False,
 ) -> None:
     """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
+    check_seed(seed)
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
     x0, y = _first_held_out(model, data, n, image_size, seed)
@@ -243,6 +247,7 @@ def onestep_command(
     json_out: JSONOut = False,
 ) -> None:
     """x̂_0 from x_t in one step, pre-trained vs PDAE."""
+    check_seed(seed)
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
     x0, y = _first_held_out(model, data, n, image_size, seed)
@@ -266,6 +271,7 @@ def probe_command(
     json_out: JSONOut = False,
 ) -> None:
     """Linear-probe accuracy (or R²) of z against raw pixels and a random encoder."""
+    check_seed(seed)
     model = load_pdae(pdae, pretrained, device)
     train = held_out(model, data, "train", image_size, seed)
     probe_targets(train)  # fail before encoding anything
@@ -291,6 +297,7 @@ def sample_command(
     json_out: JSONOut = False,
 ) -> None:
     """Generate new images: z from the latent DPM, decoded by DDIM with PDAE guidance."""
+    check_seed(seed)
     loaded = load_pdae(pdae, device=device)
     latent = load_latent_dpm(latent_dpm, loaded, loaded.device)
     res = sample_pdae(loaded, latent, n, steps=steps, latent_steps=latent_steps, seed=seed,

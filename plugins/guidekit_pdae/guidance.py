@@ -108,10 +108,11 @@ def build_pdae_guidance(ctx: GuidanceContext) -> PDAEGuidance:
         raise GuidekitError("--guidance pdae needs --pdae PDAE_CHECKPOINT")
     if latents is None:
         raise GuidekitError("--guidance pdae needs --latents FILE (from `guidekit pdae encode`)")
-    trained_on = read_checkpoint(pdae_path, KIND).config["pretrained"]
-    if fingerprint(ctx.model) != trained_on["fingerprint"]:
+    trained_on = read_checkpoint(pdae_path, KIND).section("pretrained")
+    if fingerprint(ctx.model) != trained_on.get("fingerprint"):
         raise GuidekitError(f"the PDAE at {pdae_path} was trained on another DPM "
-                            f"({trained_on['path']}) than the one sampled: sample that one")
+                            f"({str(trained_on.get('path'))[:200]}) than the one sampled: "
+                            "sample that one")
     pdae = load_pdae(pdae_path, ctx.checkpoint_dir, device=ctx.device)
     z = load_latents(latents, pdae)
     if index is not None:

@@ -11,6 +11,7 @@ command lives in :mod:`guidekit_pdae.cli`.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,13 +38,13 @@ from guidekit import (
     ops,
 )
 from guidekit import trainer_options as opt
-from guidekit.checkpoint import Checkpoint, load_weights, read_checkpoint
-from guidekit.config import ConfigMixin
+from guidekit.checkpoint import CONFIG, Checkpoint, load_module, read_checkpoint
+from guidekit.config import ConfigMixin, config_field
 from guidekit.ddpm import data_meta, per_sample_mse
 from guidekit.distributed import resolve_device
 from guidekit.engine import respacing
 from guidekit.training import fit
-from guidekit.unet import timestep_embedding, zero_module
+from guidekit.unet import MAX_BLOCKS, MAX_WIDTH, timestep_embedding, zero_module
 
 from .guidance import PDAEGuidance
 from .training import LoadedPDAE, check_data, load_pdae
@@ -65,9 +66,9 @@ class LatentMLPConfig(ConfigMixin):
     depth: int = 4
 
     def __post_init__(self) -> None:
-        for key in ("latent_dim", "hidden", "depth"):
-            if getattr(self, key) < 1:
-                raise GuidekitError(f"LatentMLPConfig.{key} must be >= 1, "
+        for key, high in (("latent_dim", MAX_WIDTH), ("hidden", MAX_WIDTH), ("depth", MAX_BLOCKS)):
+            if not 1 <= getattr(self, key) <= high:
+                raise GuidekitError(f"LatentMLPConfig.{key} must be in 1..{high}, "
                                     f"got {getattr(self, key)}")
 
 
@@ -265,22 +266,42 @@ def load_latent_dpm(
     ckpt = read_checkpoint(path, KIND)
     if pdae is not None:
         check_pairing(ckpt, pdae)
-    model = LatentMLP(LatentMLPConfig.from_dict(ckpt.config["model"]["config"]))
-    load_weights(model, ckpt.module_tensors("ema", "model"), str(path))
+    where = f"{ckpt.path / CONFIG}"
+    with ckpt.reading():
+        mlp = LatentMLPConfig.from_dict(config_field(ckpt.section("model"), "config", (dict,),
+                                                     "'model'"))
+        sched = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.section("schedule")))
+        norm = ckpt.section("normalisation")
+        stats = [_floats(config_field(norm, k, (list,), "'normalisation'"),
+                         mlp.latent_dim, f"{where} 'normalisation.{k}'") for k in ("mean", "std")]
+    model = load_module(ckpt, "ema", "model", lambda: LatentMLP(mlp))
     model.to(device).eval().requires_grad_(False)
-    sched = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.config["schedule"]))
-    norm = ckpt.config["normalisation"]
     return LoadedLatentDPM(
         DPM(model, sched.to(device), ckpt),
-        torch.tensor(norm["mean"], dtype=torch.float32, device=device),
-        torch.tensor(norm["std"], dtype=torch.float32, device=device),
+        torch.tensor(stats[0], dtype=torch.float32, device=device),
+        torch.tensor(stats[1], dtype=torch.float32, device=device),
         Path(path),
     )
+
+
+def _floats(values: list, n: int, where: str) -> list[float]:
+    """``n`` finite numbers (the per-dimension latent statistics)."""
+    if len(values) != n or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values):
+        raise CheckpointError(f"{where} must be {n} finite numbers; the checkpoint is "
+                              "damaged: re-train or restore it")
+    return values
 
 
 def check_pairing(ckpt: Checkpoint, pdae: LoadedPDAE) -> None:
     """The latent DPM must have been trained on latents of exactly this PDAE."""
     rec = ckpt.config.get("pdae")
+    if rec is not None:
+        where = f"{ckpt.path / CONFIG} 'pdae'"
+        rec = ckpt.section("pdae")
+        for key in ("path", "fingerprint"):
+            config_field(rec, key, (str,), where)
     if rec is None:
         raise CheckpointError(
             f"the latent DPM at {ckpt.path} was trained on given latents, not on a PDAE's: "

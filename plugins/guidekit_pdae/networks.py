@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from guidekit import GuidekitError, UNetConfig
 from guidekit.config import ConfigMixin
 from guidekit.unet import (
+    MAX_LEVELS,
+    MAX_WIDTH,
     DownFeatures,
     UNet,
     build_middle_block,
@@ -42,11 +44,13 @@ class EncoderConfig(ConfigMixin):
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
         for key in ("image_size", "in_channels", "channels", "latent_dim"):
-            if getattr(self, key) < 1:
-                raise GuidekitError(f"EncoderConfig.{key} must be >= 1, got {getattr(self, key)}")
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise GuidekitError(f"EncoderConfig.channel_mult must be positive ints, "
-                                f"got {self.channel_mult}")
+            if not 1 <= getattr(self, key) <= MAX_WIDTH:
+                raise GuidekitError(f"EncoderConfig.{key} must be in 1..{MAX_WIDTH}, got "
+                                    f"{getattr(self, key)}")
+        if not 1 <= len(self.channel_mult) <= MAX_LEVELS or not all(
+                1 <= m <= MAX_LEVELS for m in self.channel_mult):
+            raise GuidekitError(f"EncoderConfig.channel_mult must be 1 to {MAX_LEVELS} ints in "
+                                f"1..{MAX_LEVELS}, got {self.channel_mult}")
         if self.image_size % 2 ** len(self.channel_mult):
             raise GuidekitError(
                 f"EncoderConfig: image_size {self.image_size} is not divisible by "
@@ -82,7 +86,7 @@ class Encoder(nn.Module):
 
 
 @dataclass
-class EstimatorConfig:
+class EstimatorConfig(ConfigMixin):
     """G_ψ mirrors the middle and up path of the UNet whose features it reads."""
 
     unet: UNetConfig
@@ -90,10 +94,6 @@ class EstimatorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"unet": self.unet.to_dict(), "latent_dim": self.latent_dim}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EstimatorConfig:
-        return cls(UNetConfig.from_dict(d["unet"]), int(d["latent_dim"]))
 
 
 class GradientEstimator(nn.Module):

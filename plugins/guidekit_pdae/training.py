@@ -30,11 +30,12 @@ from guidekit import (
     ops,
 )
 from guidekit import trainer_options as opt
-from guidekit.checkpoint import load_weights, read_checkpoint
+from guidekit.checkpoint import CONFIG, load_module, read_checkpoint
+from guidekit.config import config_field
 from guidekit.ddpm import data_meta, per_sample_mse
 from guidekit.distributed import resolve_device
 from guidekit.lookup import weighting_table
-from guidekit.training import fit
+from guidekit.training import check_trainable, fit
 from guidekit.unet import UNet
 
 from .networks import (
@@ -148,10 +149,15 @@ def train_pdae(
     config = config or TrainConfig()
     weights = weighting_table(weighting, dpm.schedule, weighting_options)
     c, s, _ = dpm.image_shape
+    enc_cfg = EncoderConfig(image_size=s, in_channels=c, channels=encoder_channels,
+                            channel_mult=_encoder_levels(s), latent_dim=latent_dim)
+    est_cfg = EstimatorConfig(dpm.model.config, latent_dim)
+    check_trainable(lambda: nn.ModuleList([Encoder(enc_cfg), GradientEstimator(est_cfg)]),
+                    config, f"a PDAE of --encoder-channels {encoder_channels} and "
+                    f"--latent-dim {latent_dim}", "lower --encoder-channels or --latent-dim")
     torch.manual_seed(config.seed)  # the initial weights
-    encoder = Encoder(EncoderConfig(image_size=s, in_channels=c, channels=encoder_channels,
-                                    channel_mult=_encoder_levels(s), latent_dim=latent_dim))
-    estimator = GradientEstimator(EstimatorConfig(dpm.model.config, latent_dim))
+    encoder = Encoder(enc_cfg)
+    estimator = GradientEstimator(est_cfg)
     meta = {
         "pretrained": {
             "path": str(Path(pretrained).resolve()),
@@ -274,8 +280,11 @@ def load_pdae(
     ``device`` may be ``auto`` (a GPU when there is one)."""
     device = resolve_device(device)
     ckpt = read_checkpoint(path, KIND)
-    rec = ckpt.config["pretrained"]
-    source = Path(pretrained) if pretrained is not None else Path(rec["path"])
+    rec = ckpt.section("pretrained")
+    where = f"{ckpt.path / CONFIG} 'pretrained'"
+    recorded = config_field(rec, "path", (str,), where)
+    config_field(rec, "fingerprint", (str,), where)
+    source = Path(pretrained) if pretrained is not None else Path(recorded)
     try:
         dpm = load_dpm(source, device)
     except CheckpointError as exc:
@@ -287,10 +296,10 @@ def load_pdae(
             f"fingerprint {fingerprint(dpm.model)} vs {rec['fingerprint']}): pass --pretrained "
             "with that checkpoint"
         )
-    encoder = Encoder(EncoderConfig.from_dict(ckpt.config["encoder"]))
-    estimator = GradientEstimator(EstimatorConfig.from_dict(ckpt.config["estimator"]))
-    load_weights(encoder, ckpt.module_tensors("ema", "encoder"), str(path))
-    load_weights(estimator, ckpt.module_tensors("ema", "estimator"), str(path))
+    encoder = load_module(ckpt, "ema", "encoder", lambda: Encoder(
+        EncoderConfig.from_dict(ckpt.section("encoder"))))
+    estimator = load_module(ckpt, "ema", "estimator", lambda: GradientEstimator(
+        EstimatorConfig.from_dict(ckpt.section("estimator"))))
     assert isinstance(dpm.model, UNet)
     model = PDAEModel(dpm.model, encoder, estimator).to(device).eval().requires_grad_(False)
     return LoadedPDAE(dpm, model, ckpt.config, Path(path), fingerprint(encoder, estimator))

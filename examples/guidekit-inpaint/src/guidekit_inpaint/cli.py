@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from guidekit import GuidekitError
 from guidekit.cli.params import Device, JSONOut, parse_scales, report
+from guidekit.options import check_seed
 
 from .guidance import DEFAULT_NORM, NORMS
 from .inputs import MASKS, prepare_inputs
@@ -73,6 +74,7 @@ def evaluate_command(
 
     from .evaluate import evaluate_inpainting, evaluation_report
 
+    check_seed(seed)
     sigmas = None if inpaint_sigma is None else parse_sigmas(inpaint_sigma)
     dpm = load_dpm(checkpoint, device)
     jdg = None if judge is None else load_classifier(judge, JUDGE_KIND, device)
