@@ -25,6 +25,7 @@ import re
 import stat
 import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
@@ -76,6 +78,10 @@ _FILE_NAME = re.compile(_NAME)
 _TEMP_NAME = re.compile(rf"\.(?:{re.escape(CONFIG)}|{_NAME})\.[A-Za-z0-9_]+\.tmp")
 _HASH = re.compile(r"[0-9a-f]{64}")
 _READ_TRIES = 50  # a reader racing a save re-reads config.json, 0.1 s apart
+# POSIX open flags (0 where the OS has none: no link refusal or FIFO guard there)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _held: dict[str, int] = {}  # directories this process holds the writer lock of -> lock fd
 
 
@@ -103,16 +109,25 @@ def writer_lock(directory: str | Path) -> Iterator[None]:
         yield
         return
     try:
-        fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as exc:
         raise CheckpointError(f"cannot lock {d / LOCK}: {exc.strerror}; choose another --out"
                               ) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        # a POSIX record lock: held by this process alone (a forked worker does not inherit
+        # it), dropped by the OS when the process dies
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
         os.close(fd)
-        raise CheckpointError(f"{d} is in use by another guidekit process (it holds {LOCK}"
-                              "): wait for it to finish, or choose another --out") from None
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise CheckpointError(f"{d} is in use by another guidekit process (it holds "
+                                  f"{LOCK}): wait for it to finish, or choose another --out"
+                                  ) from None
+        # a filesystem without locks (some NFS, Lustre and FUSE mounts): write unlocked
+        warnings.warn(f"cannot lock {d / LOCK} ({exc.strerror}): nothing stops a second "
+                      "writer on this folder", stacklevel=3)
+        yield
+        return
     _held[key] = fd
     try:
         yield
@@ -136,8 +151,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -180,15 +210,19 @@ def save_checkpoint(
     function writes, only regular files, never a link).
     """
     d = Path(directory)
+    _check_finite(tensors, step)  # before the folder or its lock exist
     with writer_lock(d):
-        _check_finite(tensors, step)
         files, hashes = {}, {}
-        for role, flat in tensors.items():
-            name = f"{role}-{step:07d}.safetensors"
-            data = save_bytes(_plain(flat))
-            atomic_write_bytes(d / name, data)
-            files[role], hashes[role] = name, hashlib.sha256(data).hexdigest()
-            del data
+        try:
+            for role, flat in tensors.items():
+                name = f"{role}-{step:07d}.safetensors"
+                data = save_bytes(_plain(flat))
+                atomic_write_bytes(d / name, data)
+                files[role], hashes[role] = name, hashlib.sha256(data).hexdigest()
+                del data
+        except BaseException:  # a full disk, Ctrl-C: give back the space this save took
+            _drop_unlisted(d, files.values())
+            raise
         full = {
             **config,
             "format": FORMAT_VERSION,
@@ -202,13 +236,25 @@ def save_checkpoint(
     return d
 
 
+def _drop_unlisted(d: Path, names: Any) -> None:
+    """Delete the files a failed save wrote, unless the checkpoint on disk lists them."""
+    try:
+        listed = set(_read_config(d).get("files", {}).values())
+    except (CheckpointError, AttributeError):
+        listed = set()
+    for name in names:
+        if name not in listed:
+            with contextlib.suppress(OSError):
+                os.unlink(d / name)
+
+
 def _clean(d: Path, keep: set[str]) -> None:
     """Delete the tensor files and checkpoint temp files a killed or earlier save left in
     ``d`` (called under the writer lock, after config.json names ``keep``)."""
     for entry in os.scandir(d):
         ours = _FILE_NAME.fullmatch(entry.name) or _TEMP_NAME.fullmatch(entry.name)
         if ours and entry.name not in keep and entry.is_file(follow_symlinks=False):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: the save itself is done
                 os.unlink(entry.path)
 
 
@@ -230,7 +276,7 @@ def diffusers_folder(path: Path) -> bool:
 def _open_regular(path: Path, follow: bool = False) -> int:
     """An fd of ``path`` if it is a regular file; never blocks (a FIFO opens non-blocking
     and is then refused) and, unless ``follow``, never follows a link."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    flags = os.O_RDONLY | _NONBLOCK | _CLOEXEC | (0 if follow else _NOFOLLOW)
     fd = os.open(path, flags)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -243,8 +289,9 @@ def _read_fd(fd: int, limit: int | None = None) -> bytes:
     if limit is not None and size > limit:
         raise OSError(errno.EFBIG, f"larger than {format_bytes(limit)}")
     chunks, offset = [], 0
+    os.lseek(fd, 0, os.SEEK_SET)
     while offset < size:
-        chunk = os.pread(fd, min(size - offset, 1 << 26), offset)
+        chunk = os.read(fd, min(size - offset, 1 << 26))
         if not chunk:
             break
         chunks.append(chunk)
@@ -286,6 +333,8 @@ def _check_config(d: Path, cfg: Any) -> None:
     fmt = cfg.get("format", 1)
     if type(fmt) is not int:
         raise bad(f"'format' must be an integer, got {fmt!r}"[:200])
+    if fmt < 1:
+        raise bad(f"'format' must be >= 1, got {fmt}")
     if fmt not in _FORMATS:
         raise CheckpointError(f"{where} has format {fmt}, which this guidekit "
                               f"{__version__} cannot read (it reads {_FORMATS}): upgrade "
@@ -297,8 +346,9 @@ def _check_config(d: Path, cfg: Any) -> None:
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise bad("'files' must be an object of file names")
     hashes = cfg.get("hashes")
-    if fmt >= 2 and not (isinstance(hashes, dict) and set(hashes) == set(files) and all(
-            isinstance(h, str) and _HASH.fullmatch(h) for h in hashes.values())):
+    if (fmt >= 2 or hashes is not None) and not (
+            isinstance(hashes, dict) and set(hashes) == set(files)
+            and all(isinstance(h, str) and _HASH.fullmatch(h) for h in hashes.values())):
         raise bad("'hashes' must give one SHA-256 per file")
 
 
@@ -341,7 +391,7 @@ class Checkpoint:
         a section) becomes a :class:`CheckpointError` naming config.json."""
         try:
             yield
-        except CheckpointError:
+        except (CheckpointError, PluginError):  # already naming the file, or a plugin
             raise
         except GuidekitError as exc:
             raise CheckpointError(f"{self.path / CONFIG}: {exc}") from None
@@ -378,11 +428,18 @@ class Checkpoint:
             raise _damaged(path, f"cannot be read ({exc})") from None
         if expected is not None and digest != expected:
             raise _damaged(path, "does not match the SHA-256 config.json records")
-        proc = f"/proc/self/fd/{fd}"  # the opened file itself, even if a save has unlinked it
+        opened = f"/dev/fd/{fd}"  # the opened file itself, even if a save has unlinked it
         try:
-            return load_file(proc) if os.path.exists(proc) else load_bytes(_read_fd(fd))
-        except Exception as exc:  # safetensors' own errors: not a safetensors file
+            return load_file(opened) if os.path.exists(opened) else load_bytes(_read_fd(fd))
+        except SafetensorError as exc:
             raise _damaged(path, f"is not a safetensors file ({str(exc)[:100]})") from None
+
+    def close(self) -> None:
+        """Close the opened tensor files (a later :meth:`tensors` opens them again): a
+        loader calls this once it holds its weights, so a long-lived model does not keep a
+        replaced step's files on disk."""
+        fds, self._fds = self._fds, {}
+        _close_all(fds)
 
 
 def _close_all(fds: dict[str, int]) -> None:

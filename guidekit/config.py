@@ -25,7 +25,7 @@ __all__ = [
 
 
 _C = TypeVar("_C", bound="ConfigMixin")
-_MAX_ITEMS = 1 << 16  # a tuple field longer than this is not a config (β lists are ~1000)
+_MAX_ITEMS = 1 << 20  # a tuple field longer than this is not a config (β lists: one per step)
 
 
 class ConfigMixin:
@@ -48,8 +48,11 @@ class ConfigMixin:
         if unknown:
             raise GuidekitError(f"unknown {name} key(s) {', '.join(map(repr, unknown))}; "
                                 f"known keys: {', '.join(sorted(known))}")
-        hints = typing.get_type_hints(cls)
-        values = {k: check_value(v, hints[k], f"{name}.{k}") for k, v in d.items()}
+        try:
+            hints = typing.get_type_hints(cls)
+        except NameError:  # a hint only importable under TYPE_CHECKING: its checks only
+            hints = {}
+        values = {k: check_value(v, hints.get(k), f"{name}.{k}") for k, v in d.items()}
         try:
             return cls(**values)
         except TypeError as exc:  # a required field left out
@@ -85,9 +88,9 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
-            value)
+    elif hint is float:  # abs() first: math.isfinite overflows on a 400-digit JSON integer
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and abs(
+            value) < 1e300 and math.isfinite(value)
     elif hint is str:
         ok = isinstance(value, str)
     else:
@@ -103,7 +106,8 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool | int | float):
-        return repr(value)
+        text = repr(value)
+        return text if len(text) <= 40 else f"a number of {len(text)} digits"
     if isinstance(value, str):
         return repr(value[:40]) + ("..." if len(value) > 40 else "")
     return {"list": "a list", "dict": "an object", "tuple": "a list"}.get(

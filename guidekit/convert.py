@@ -410,7 +410,7 @@ def _load(model: Any, sd: dict[str, Any], classifier: bool, pool: str, source: s
 
 def check_out(out: Path, force: bool) -> None:
     """A one-line error unless ``out`` is new, empty, or a checkpoint ``force`` replaces."""
-    from guidekit.checkpoint import CONFIG
+    from guidekit.checkpoint import CONFIG, LOCK
 
     if out.exists() and not out.is_dir():
         raise GuidekitError(f"--out {out} is a file, not a folder")
@@ -418,7 +418,8 @@ def check_out(out: Path, force: bool) -> None:
         if not force:
             raise GuidekitError(f"{out} already holds a checkpoint: give --force to replace "
                                 "it, or another --out")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != LOCK and not p.name.endswith(".tmp")
+                              for p in out.iterdir()):  # what a failed write left is no data
         raise GuidekitError(f"{out} is a folder that is not empty and holds no checkpoint: "
                             "give an empty or new --out")
 

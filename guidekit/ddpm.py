@@ -12,13 +12,13 @@ from torch import Tensor, nn
 
 from guidekit import lookup, ops
 from guidekit import trainer_options as opt
-from guidekit.checkpoint import Checkpoint, load_module, read_checkpoint
+from guidekit.checkpoint import CONFIG, Checkpoint, load_module, read_checkpoint
 from guidekit.config import ConfigMixin, config_field
 from guidekit.data import MAX_IMAGE_SIZE, ImageData, save_image_grid
 from guidekit.distributed import resolve_device
 from guidekit.engine import VARIANCES, Sampler
-from guidekit.errors import GuidekitError
-from guidekit.lookup import build_model, load_dataset, weighting_table
+from guidekit.errors import CheckpointError, GuidekitError
+from guidekit.lookup import load_dataset, model_builder, weighting_table
 from guidekit.options import Option
 from guidekit.schedule import SPACINGS, NoiseSchedule, ScheduleConfig
 from guidekit.specs import StepReport, TrainerContext
@@ -172,7 +172,14 @@ def load_dpm(path: str | Path, device: str | torch.device = "cpu", role: str = "
         data = ckpt.section("data")
         config_field(data, "channels", (int,), "'data'", low=1, high=1024)
         config_field(data, "image_size", (int,), "'data'", low=1, high=MAX_IMAGE_SIZE)
-    model = load_module(ckpt, role, "model", lambda: build_model(ckpt.section("model")))
+        build = model_builder(ckpt.section("model"))
+    model = load_module(ckpt, role, "model", build)
+    ckpt.close()
+    mc = getattr(model, "config", None)
+    if getattr(mc, "in_channels", data["channels"]) != data["channels"]:
+        raise CheckpointError(f"{ckpt.path / CONFIG}: 'data' says {data['channels']} channels "
+                              f"but the model takes {mc.in_channels}; the checkpoint is "
+                              "damaged: re-train or restore it")
     model.to(device).eval().requires_grad_(False)
     dpm = DPM(model, schedule.to(device), ckpt)
     dpm.defaults  # noqa: B018 -- read once at load, so a bad "sampling" entry fails here

@@ -8,6 +8,7 @@ in one line naming it instead of a traceback deep in training or sampling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from guidekit.specs import GuidanceSpec, QuickstartStep
 
 __all__ = [
     "build_model",
+    "model_builder",
     "dataset_names",
     "guidance_spec",
     "load_dataset",
@@ -95,6 +97,13 @@ def load_dataset(
 
 def build_model(entry: dict[str, Any]) -> nn.Module:
     """Rebuild a network from a config.json ``model`` entry (``{"name", "config"}``)."""
+    return model_builder(entry)()
+
+
+def model_builder(entry: dict[str, Any]) -> Callable[[], nn.Module]:
+    """What builds the network of a config.json ``model`` entry, its name and config
+    resolved now: the plugins load here, never inside a meta-device build (which would
+    make the tensors a plugin creates at import meta tensors)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
             entry.get("config"), dict):
         raise GuidekitError("the checkpoint's config.json has no valid 'model' entry "
@@ -102,7 +111,7 @@ def build_model(entry: dict[str, Any]) -> nn.Module:
     name = entry["name"]
     spec = get_registry().model(name)
     config = spec.config_class.from_dict(entry["config"])
-    return plugin_call("model", name, spec.model_class, config)
+    return lambda: plugin_call("model", name, spec.model_class, config)
 
 
 def weighting_options(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def available_bytes(device: torch.device | str) -> int:
 
 def format_bytes(n: float) -> str:
     """``3.3 GB``, ``200 KB``: a size for a message."""
+    if n >= 10**18:  # beyond any machine (and beyond a float, for a fuzzed --n)
+        return "over a million TB"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -231,7 +231,11 @@ def fit(
         )
     lock = writer_lock(out) if info.is_main else contextlib.nullcontext()
     with lock, _signals_interrupt():
-        return _fit(task, data, out, cfg, info, resume, progress)
+        try:
+            return _fit(task, data, out, cfg, info, resume, progress)
+        except KeyboardInterrupt as exc:  # before the first step: nothing new was saved
+            raise Interrupted(f"interrupted before training started; nothing new was written "
+                              f"to {out}", exit_code=_exit_code(exc)) from None
 
 
 def _fit(task: Task, data: ImageData, out: Path, cfg: TrainConfig,
@@ -321,13 +325,14 @@ def _fit(task: Task, data: ImageData, out: Path, cfg: TrainConfig,
                     if info.is_main:
                         _log(out, rec, saved)
                     bar.update(bar_id, completed=done, loss=f"{loss_value:.4f}")
-                if (done % cfg.save_every == 0 or done == cfg.steps) and info.is_main:
-                    _save(out, config, nets, ema, opt, done, saved)
-                    saved = done
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    with _signals_deferred():  # a stop mid-save would misname the kept step
+                        if info.is_main:
+                            _save(out, config, nets, ema, opt, done, saved)
+                        saved = done
     except KeyboardInterrupt as exc:
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
         raise Interrupted(f"interrupted at step {done} of {cfg.steps}; {_kept(out, saved)}",
-                          exit_code=code) from None
+                          exit_code=_exit_code(exc)) from None
     seconds = time.perf_counter() - t0
     _check_ranks_agree(info, nets)
     distributed.teardown(info)
@@ -349,9 +354,32 @@ def _kept(out: Path, saved: int | None) -> str:
     return f"the checkpoint of step {saved} in {out} is kept (continue it with --resume)"
 
 
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C; 128 + the signal number that :func:`_signals_interrupt` raised."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else 130
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block is done (delivered right after it)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_UNBLOCK, held)
+
+
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM (a job scheduler, ``kill``) stops training as Ctrl-C does, exit status 143."""
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, a job scheduler) stop training, exit status
+    130 and 143. Both are set explicitly: a process started in the background of a script
+    inherits SIGINT ignored, and Python then never raises KeyboardInterrupt, so a run one
+    means to stop would train on and exit 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -359,11 +387,12 @@ def _signals_interrupt() -> Iterator[None]:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _log(out: Path, rec: dict[str, Any], saved: int | None) -> None:
@@ -390,8 +419,8 @@ def _save(out: Path, config: dict, nets: dict, ema: dict, opt, step: int,
         raise GuidekitError(f"{exc}: lower --lr or --grad-clip; {_kept(out, saved)}"
                             ) from None
     except OSError as exc:  # disk full, folder gone or read-only
-        raise GuidekitError(f"cannot save step {step} in {out}: {exc.strerror or exc}; "
-                            f"{_kept(out, saved)} (free space, then continue it)") from None
+        raise GuidekitError(f"cannot save step {step} in {out}: {exc.strerror or exc}: free "
+                            f"disk space or fix the folder; {_kept(out, saved)}") from None
 
 
 def _resume(out: Path, task: Task, nets: dict, ema: dict, opt, config: dict,

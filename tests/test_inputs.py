@@ -388,3 +388,9 @@ def test_plugin_eval_refuses_an_empty_schedule(capsys):
                            "k", "--judge", "j", "--guidance-schedule", "")
     assert_one_line_error(code, err, "--guidance-schedule", "empty")
 
+
+
+def test_a_number_beyond_a_float_is_still_one_line(guidekit_dpm, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--out",
+                           str(tmp_path / "s.png"), "--n", "9" * 400)
+    assert_one_line_error(code, err, "needs about over a million TB")

@@ -88,16 +88,17 @@ def test_crash_while_writing_weights_keeps_last_checkpoint(tmp_path, monkeypatch
         real(path, data)
 
     monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", flaky)
-    with pytest.raises(GuidekitError, match=r"cannot save step 4 .*No space left on device; "
-                       r"the checkpoint of step 2 .* is kept"):
+    with pytest.raises(GuidekitError, match=r"cannot save step 4 .*No space left on device: "
+                       r"free disk space or fix the folder; the checkpoint of step 2 .* is kept"):
         make_tiny_dpm(out, steps=4, resume=True)
     monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", real)
     assert read_checkpoint(out).step == 2
     after = _all_tensors(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not list(out.glob(".*.tmp"))  # no temp files left behind
+    assert not list(out.glob("*-0000004.safetensors"))  # the failed save gave its space back
     load_dpm(out)  # still loads
-    make_tiny_dpm(out, steps=4, resume=True)  # and the next save clears the orphan of step 4
+    make_tiny_dpm(out, steps=4, resume=True)
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         f"{role}-0000004.safetensors" for role in ("ema", "model", "state")]
 
@@ -277,7 +278,8 @@ def test_interrupts_name_the_kept_step_and_exit_130_or_143(tmp_path, signum, cod
     assert exc.value.exit_code == code
     assert str(exc.value).startswith("interrupted at step 4 of 10; the checkpoint of step 4")
     assert read_checkpoint(tmp_path / "int").step == 4
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(Interrupted, match="no checkpoint was written"):
         fit(_StopAt(1), data, tmp_path / "early", cfg, progress=False)
 
@@ -342,11 +344,14 @@ def test_a_model_too_big_for_the_machine_is_refused_before_it_is_built(tmp_path)
 
 
 def test_ctrl_c_in_the_cli_names_the_kept_step_and_exits_130(tmp_path):
+    """Also when the run inherits SIGINT ignored, as a background job of a script does."""
     out = tmp_path / "run"
+    train = [sys.executable, "-m", "guidekit", "train", "ddpm", "--out", str(out), "--steps",
+             "100000", "--save-every", "5", "--model-channels", "8", "--attention", "",
+             "--batch-size", "8", "--samples", "0"]
+    # `trap '' INT` then exec: the run starts with SIGINT ignored, under the same pid
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guidekit", "train", "ddpm", "--out", str(out), "--steps",
-         "100000", "--save-every", "5", "--model-channels", "8", "--attention", "",
-         "--batch-size", "8", "--samples", "0"],
+        ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *train],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -28,7 +28,7 @@ from guidekit.ddpm import KIND as DDPM_KIND
 from guidekit.ddpm import data_meta
 from guidekit.distributed import resolve_device
 from guidekit.errors import GuidekitError
-from guidekit.lookup import build_model, dataset_names, load_dataset
+from guidekit.lookup import dataset_names, load_dataset, model_builder
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.training import TrainConfig, check_trainable, fit
 from guidekit.unet import ClassifierConfig, EncoderUNet
@@ -162,7 +162,10 @@ def load_classifier(
     mismatched weights are one-line errors."""
     device = resolve_device(device)
     ckpt = read_checkpoint(path, kind)
-    model = load_module(ckpt, "ema", "model", lambda: build_model(ckpt.section("model")))
+    with ckpt.reading():
+        build = model_builder(ckpt.section("model"))
+    model = load_module(ckpt, "ema", "model", build)
+    ckpt.close()
     if not isinstance(model, EncoderUNet):
         raise GuidekitError(f"{path} holds a '{ckpt.config['model']['name']}' network, "
                             "not a classifier")

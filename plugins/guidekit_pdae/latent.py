@@ -11,7 +11,6 @@ command lives in :mod:`guidekit_pdae.cli`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,11 +38,11 @@ from guidekit import (
 )
 from guidekit import trainer_options as opt
 from guidekit.checkpoint import CONFIG, Checkpoint, load_module, read_checkpoint
-from guidekit.config import ConfigMixin, config_field
+from guidekit.config import ConfigMixin, check_value, config_field
 from guidekit.ddpm import data_meta, per_sample_mse
 from guidekit.distributed import resolve_device
 from guidekit.engine import respacing
-from guidekit.training import fit
+from guidekit.training import check_trainable, fit
 from guidekit.unet import MAX_BLOCKS, MAX_WIDTH, timestep_embedding, zero_module
 
 from .guidance import PDAEGuidance
@@ -187,8 +186,11 @@ def train_latent_dpm(
     mean, std = normalisation(latents)
     data = as_latent_data((latents.float() - mean) / std, f"{data_name}:z")
     sched = NoiseSchedule.from_config(schedule or ScheduleConfig())
+    mlp = LatentMLPConfig(latents.shape[1], hidden, depth)
+    check_trainable(lambda: LatentMLP(mlp), config, f"a latent DPM of --hidden {hidden} and "
+                    f"--depth {depth}", "lower --hidden or --depth")
     torch.manual_seed(config.seed)  # the initial weights
-    model = LatentMLP(LatentMLPConfig(latents.shape[1], hidden, depth))
+    model = LatentMLP(mlp)
     meta = {
         "pdae": None if pdae is None else {
             "path": str(pdae.path.resolve()), "fingerprint": pdae.fingerprint},
@@ -266,15 +268,15 @@ def load_latent_dpm(
     ckpt = read_checkpoint(path, KIND)
     if pdae is not None:
         check_pairing(ckpt, pdae)
-    where = f"{ckpt.path / CONFIG}"
     with ckpt.reading():
         mlp = LatentMLPConfig.from_dict(config_field(ckpt.section("model"), "config", (dict,),
                                                      "'model'"))
         sched = NoiseSchedule.from_config(ScheduleConfig.from_dict(ckpt.section("schedule")))
         norm = ckpt.section("normalisation")
         stats = [_floats(config_field(norm, k, (list,), "'normalisation'"),
-                         mlp.latent_dim, f"{where} 'normalisation.{k}'") for k in ("mean", "std")]
+                         mlp.latent_dim, f"'normalisation.{k}'") for k in ("mean", "std")]
     model = load_module(ckpt, "ema", "model", lambda: LatentMLP(mlp))
+    ckpt.close()
     model.to(device).eval().requires_grad_(False)
     return LoadedLatentDPM(
         DPM(model, sched.to(device), ckpt),
@@ -284,14 +286,11 @@ def load_latent_dpm(
     )
 
 
-def _floats(values: list, n: int, where: str) -> list[float]:
+def _floats(values: list, n: int, where: str) -> tuple[float, ...]:
     """``n`` finite numbers (the per-dimension latent statistics)."""
-    if len(values) != n or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for v in values):
-        raise CheckpointError(f"{where} must be {n} finite numbers; the checkpoint is "
-                              "damaged: re-train or restore it")
-    return values
+    if len(values) != n:
+        raise GuidekitError(f"{where} must be {n} finite numbers, got {len(values)}")
+    return check_value(values, tuple[float, ...], where)
 
 
 def check_pairing(ckpt: Checkpoint, pdae: LoadedPDAE) -> None:

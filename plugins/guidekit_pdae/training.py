@@ -300,6 +300,7 @@ def load_pdae(
         EncoderConfig.from_dict(ckpt.section("encoder"))))
     estimator = load_module(ckpt, "ema", "estimator", lambda: GradientEstimator(
         EstimatorConfig.from_dict(ckpt.section("estimator"))))
+    ckpt.close()
     assert isinstance(dpm.model, UNet)
     model = PDAEModel(dpm.model, encoder, estimator).to(device).eval().requires_grad_(False)
     return LoadedPDAE(dpm, model, ckpt.config, Path(path), fingerprint(encoder, estimator))
