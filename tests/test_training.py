@@ -382,3 +382,16 @@ def test_a_crafted_optimizer_state_is_one_line_on_resume(tmp_path):
                                            "ema": ck.tensors("ema"), "state": state}, 2)
     with pytest.raises(CheckpointError, match="cannot resume .* optimizer state does not match"):
         make_tiny_dpm(out, steps=4, resume=True)
+
+
+class _StopBeforeTraining(_NaNAfter):
+    def trainable(self):
+        raise KeyboardInterrupt(143)  # what SIGTERM raises while a resume is still loading
+
+
+def test_a_stop_before_the_first_step_keeps_its_exit_status(tmp_path):
+    cfg = TrainConfig(steps=10, batch_size=8)
+    with pytest.raises(Interrupted, match="interrupted before training started; nothing new "
+                       "was written") as exc:
+        fit(_StopBeforeTraining(1), load_dataset("digits"), tmp_path / "x", cfg, progress=False)
+    assert exc.value.exit_code == 143
