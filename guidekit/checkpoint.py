@@ -366,7 +366,9 @@ class Checkpoint:
     _fds: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        weakref.finalize(self, _close_all, dict(self._fds))
+        # the finalizer holds the very dict (not a copy): an fd closed by close() is gone
+        # from it, so a later number reuse is never closed twice
+        weakref.finalize(self, _close_all, self._fds)
 
     @property
     def kind(self) -> str:
@@ -413,7 +415,6 @@ class Checkpoint:
             if name is None:
                 raise CheckpointError(f"checkpoint {self.path} has no '{role}' weights")
             self._fds[role] = _open_listed(self.path, role, name)
-            weakref.finalize(self, _close_all, {role: self._fds[role]})
         return self._fds[role]
 
     def tensors(self, role: str) -> dict[str, torch.Tensor]:
@@ -438,12 +439,13 @@ class Checkpoint:
         """Close the opened tensor files (a later :meth:`tensors` opens them again): a
         loader calls this once it holds its weights, so a long-lived model does not keep a
         replaced step's files on disk."""
-        fds, self._fds = self._fds, {}
-        _close_all(fds)
+        _close_all(self._fds)
 
 
 def _close_all(fds: dict[str, int]) -> None:
-    for fd in fds.values():
+    """Close and forget every fd in ``fds`` (so closing twice is harmless)."""
+    while fds:
+        _, fd = fds.popitem()
         with contextlib.suppress(OSError):
             os.close(fd)
 

@@ -169,3 +169,21 @@ def test_the_writer_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_p
         write(d, step=2)
     write(d, step=2)
     assert read_checkpoint(d).step == 2
+
+
+def test_a_closed_checkpoint_never_closes_a_reused_fd(tmp_path):
+    import gc
+
+    d = write(tmp_path / "ckpt")
+    ck = read_checkpoint(d)
+    ck.close()
+    other = os.open(tmp_path / "ckpt" / CONFIG, os.O_RDONLY)  # likely the number just freed
+    try:
+        del ck
+        gc.collect()  # the finalizer runs here
+        assert os.fstat(other)  # still open: not closed a second time
+    finally:
+        os.close(other)
+    ck = read_checkpoint(d)
+    ck.close()
+    assert ck.tensors("ema")["w"].tolist() == [1.0, 1.0]  # a closed checkpoint reopens

@@ -273,13 +273,14 @@ class _StopAt(_NaNAfter):
 def test_interrupts_name_the_kept_step_and_exit_130_or_143(tmp_path, signum, code):
     data = load_dataset("digits")
     cfg = TrainConfig(steps=10, batch_size=8, log_every=1, save_every=2)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as exc:
         fit(_StopAt(5, signum), data, tmp_path / "int", cfg, progress=False)
     assert exc.value.exit_code == code
     assert str(exc.value).startswith("interrupted at step 4 of 10; the checkpoint of step 4")
     assert read_checkpoint(tmp_path / "int").step == 4
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the handlers are put back (SIGINT may have been ignored: a backgrounded test run)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     with pytest.raises(Interrupted, match="no checkpoint was written"):
         fit(_StopAt(1), data, tmp_path / "early", cfg, progress=False)
 
