@@ -14,6 +14,7 @@ the models compile with ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,8 +218,15 @@ class BackboneConfig(ConfigMixin):
 
 
 def _number(m: Any) -> float:
-    """A channel multiplier: an int when integral (so configs print as before)."""
-    v = float(m)
+    """A channel multiplier: an int when integral (so configs print as before); anything
+    but a finite number below 1e300 is a one-line error."""
+    try:
+        v = float(m) if isinstance(m, numbers.Real) and not isinstance(m, bool) else math.nan
+    except OverflowError:  # a 400-digit integer from a crafted config
+        v = math.inf
+    if not math.isfinite(v):
+        raise GuidekitError(f"channel_mult entries must be finite numbers, got "
+                            f"{str(m)[:40]}")
     return int(v) if v.is_integer() else v
 
 

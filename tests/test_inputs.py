@@ -394,3 +394,9 @@ def test_a_number_beyond_a_float_is_still_one_line(guidekit_dpm, tmp_path, capsy
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(guidekit_dpm), "--out",
                            str(tmp_path / "s.png"), "--n", "9" * 400)
     assert_one_line_error(code, err, "needs about over a million TB")
+
+
+def test_a_channel_mult_beyond_a_float_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "ddpm", "--out", str(tmp_path / "run"), "--steps",
+                           "1", "--samples", "0", "--channel-mult", "9" * 400)
+    assert_one_line_error(code, err, "channel_mult entries must be finite numbers")
