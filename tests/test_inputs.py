@@ -4,6 +4,7 @@ traceback), or is handled correctly."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -318,7 +319,10 @@ def test_error_text_is_literal(guidekit_dpm, tmp_path, capsys):
 
 def test_usage_errors_are_one_literal_line(capsys):
     code, _, err = run_cli(capsys, "sample", "--n", ":a: [bold]x[/bold]")
-    assert_one_line_error(code, err, "--n", "':a: [bold]x[/bold]'", "guidekit sample --help")
+    assert_one_line_error(code, err, "--n", "guidekit sample --help")
+    assert not any(ord(c) >= 0x1F000 for c in err)  # no emoji from ':a:'
+    if ":a:" in err:  # click echoes the value; typer >= 0.29 words it without the value
+        assert "':a: [bold]x[/bold]'" in err
 
 
 def test_report_prints_text_literally(capsys):
@@ -379,6 +383,8 @@ def test_quickstart_out_is_a_file(tmp_path, capsys):
     ("inpaint", "evaluate", "--checkpoint", "c"),
 ])
 def test_plugin_commands_check_the_seed(tmp_path, capsys, args):
+    if args[0] == "inpaint" and importlib.util.find_spec("guidekit_inpaint") is None:
+        pytest.skip("the example plugin guidekit-inpaint is not installed")
     code, _, err = run_cli(capsys, *args, "--seed", "-1")
     assert_one_line_error(code, err, "--seed")
 

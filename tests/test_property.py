@@ -814,6 +814,8 @@ def test_train_options_never_crash_many(tmp_path: Path, data: st.DataObject) -> 
 def test_the_fuzzed_commands_succeed_with_their_defaults(tiny_ckpt: Path, reference_png: Path,
                                                          tmp_path: Path) -> None:
     """The baselines the CLI fuzz varies from: both exit 0, guided sampling included."""
+    pytest.importorskip("guidekit_inpaint", reason="the guided baseline uses the example "
+                        "plugin guidekit-inpaint")
     guided = sample_fuzzed(reference_png)["scale"].extra
     r = run_guidekit("sample", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "s.png"),
                      "--n", "2", "--steps", "2", *guided, "--scale=1")
