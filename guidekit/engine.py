@@ -3,7 +3,8 @@
 The loops live here; the per-step math lives in :mod:`guidekit.ops`. Guidance enters every
 loop the same way: the model predicts ε, the guidance terms give their shifts, ε-form
 shifts d are taken off ε first (ε̂ = ε − d), and the step op folds the score-form g in
-(DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g).
+(DDPM: μ + Σ·g; DDIM and inversion: ε̂ = ε − √(1−ᾱ_t)·g). A guidance that declares
+``labels`` (classifier-free guidance) gets ε at them from the same batched forward.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from guidekit import ops
 from guidekit.errors import GuidekitError
-from guidekit.guidance import GuidanceTerm, StepInput, check_finite, compose
+from guidekit.guidance import GuidanceTerm, StepInput, check_finite, compose, guidance_labels
 from guidekit.schedule import NoiseSchedule, spacing_spec
 
 __all__ = [
@@ -149,9 +150,44 @@ class Sampler:
             return eps, v, features
         return out, None, features
 
+    def _wanted(
+        self, terms: Sequence[GuidanceTerm], x: Tensor, y: Tensor | None
+    ) -> list[Tensor | None]:
+        """Per term, the labels it wants ε at (its ``labels``, on x's device), or None."""
+        wanted = [guidance_labels(t.guidance, x.shape[0], t.name) for t in terms]
+        if y is None and any(w is not None for w in wanted):
+            raise GuidekitError("a guidance asks for ε at class labels, but this DPM is "
+                                "unconditional: use a class-conditional DPM")
+        return [None if w is None else w.to(x.device) for w in wanted]
+
+    def _eps(
+        self, terms: Sequence[GuidanceTerm], wanted: list[Tensor | None], x: Tensor,
+        k: Tensor, y: Tensor | None, finite: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(ε with the ε-form shifts taken off, the learned variance values or None, the
+        score-form g or None). ε at every label set a guidance wants comes from the same
+        forward as the step's own: one batch of (1 + m)·B samples."""
+        extra = [w for w in wanted if w is not None]
+        if not extra:
+            eps, v, features = self.predict(x, k, y)
+            label_eps = None
+        else:
+            m, b = 1 + len(extra), x.shape[0]
+            assert y is not None  # _wanted refused an unconditional DPM
+            eps_all, v, features = self.predict(torch.cat([x] * m), k.repeat(m),
+                                                torch.cat([y, *extra]))
+            chunks = iter(eps_all.split(b))
+            eps = next(chunks)
+            label_eps = [None if w is None else next(chunks) for w in wanted]
+            v = None if v is None else v[:b]
+            features = features.first(b) if hasattr(features, "first") else None
+        eps, g = self._guide(terms, x, k, eps, features, y, finite, label_eps)
+        return eps, v, g
+
     def _guide(
         self, terms: Sequence[GuidanceTerm], x: Tensor, k: Tensor, eps: Tensor, features: Any,
         y: Tensor | None, finite: dict[str, Tensor],
+        label_eps: list[Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(ε with the ε-form shifts taken off, the score-form g or None): unguided, ε as it
         is and None, so the step ops skip the shift."""
@@ -169,7 +205,7 @@ class Sampler:
             features=features,
             y=y,
         )
-        g, d = compose(list(terms), inp, finite)
+        g, d = compose(list(terms), inp, finite, label_eps)
         return (eps if d is None else eps - d), g
 
     def _start(
@@ -198,12 +234,12 @@ class Sampler:
         x = self._start(x_T, shape, generator, device)
         tab = self._device(x)
         finite: dict[str, Tensor] = {}
+        wanted = self._wanted(guidance, x, y)
         for i in track(
             range(self.num_steps - 1, -1, -1), "DDPM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, v, features = self.predict(x, k, y)
-            eps, g = self._guide(guidance, x, k, eps, features, y, finite)
+            eps, v, g = self._eps(guidance, wanted, x, k, y, finite)
             var, log_var = ops.variance(
                 tab, k, x, "learned" if v is not None else self.variance, v
             )
@@ -232,12 +268,12 @@ class Sampler:
         x = self._start(x_T, shape, generator, device)
         tab = self._device(x)
         finite: dict[str, Tensor] = {}
+        wanted = self._wanted(guidance, x, y)
         for i in track(
             range(self.num_steps - 1, -1, -1), "DDIM sampling", disable=not progress
         ):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            eps, _, features = self.predict(x, k, y)
-            eps, g = self._guide(guidance, x, k, eps, features, y, finite)
+            eps, _, g = self._eps(guidance, wanted, x, k, y, finite)
             noise = (
                 torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 if eta > 0
@@ -264,11 +300,11 @@ class Sampler:
         x = x0
         tab = self._device(x)
         finite: dict[str, Tensor] = {}
+        wanted = self._wanted(guidance, x, y)
         for i in track(range(self.num_steps), "DDIM inversion", disable=not progress):
             k = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             k_eval = (k - 1).clamp(min=0)
-            eps, _, features = self.predict(x, k_eval, y)
-            eps, g = self._guide(guidance, x, k_eval, eps, features, y, finite)
+            eps, _, g = self._eps(guidance, wanted, x, k_eval, y, finite)
             x = self._invert_step(tab, x, k, eps, g, self.clip)
         check_finite(finite, x)
         return x

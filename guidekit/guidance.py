@@ -10,13 +10,21 @@ A guidance returns one of two forms, named by its ``form`` attribute:
 - ``"eps"``: an ε-space shift d, applied as ε̂ = ε − s·d before the step in every sampler,
   so DDPM's mean is μ_θ(x_t, ε̂). A network trained on ε̂ (PDAE's G_ψ) then samples with
   exactly the ε̂ it was trained on, whichever sampler runs.
+
+Two more optional attributes serve guidances built on a class-conditional model itself
+(classifier-free guidance):
+
+- ``labels``, a (B,) long tensor: the engine evaluates ε(x_t, labels) in the same batched
+  forward as the step's own ε and hands it over as :attr:`StepInput.label_eps`;
+- ``unconditional_base = True``: the step's own ε is the model's null class ε(x_t, ∅)
+  (the model must have one), so the guidance's shift is all that conditions the samples.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -35,6 +43,7 @@ __all__ = [
     "compose",
     "count_diverged",
     "guidance_form",
+    "guidance_labels",
     "parse_timestep_spec",
     "timestep_weight",
 ]
@@ -58,6 +67,8 @@ class StepInput:
     # a guidance built on them does not run the network again; None for other models.
     features: Any = None
     y: Tensor | None = None  # the class labels a class-conditional model is sampled with
+    # ε(x_t, labels) for a guidance that declares ``labels``, from the step's batched forward
+    label_eps: Tensor | None = None
 
 
 @runtime_checkable
@@ -91,8 +102,20 @@ def guidance_form(guidance: Any, name: str = "") -> str:
     return form
 
 
+def guidance_labels(guidance: Any, batch: int, name: str = "") -> Tensor | None:
+    """The (B,) labels ``guidance`` wants ε evaluated at (its ``labels``), or None."""
+    labels = getattr(guidance, "labels", None)
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor) or labels.shape != (batch,) or labels.is_floating_point():
+        raise GuidekitError(f"guidance '{name}' declares labels that are not a ({batch},) "
+                            "integer tensor: one class label per sample")
+    return labels.long()
+
+
 def compose(
-    terms: list[GuidanceTerm], inp: StepInput, finite: dict[str, Tensor] | None = None
+    terms: list[GuidanceTerm], inp: StepInput, finite: dict[str, Tensor] | None = None,
+    label_eps: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(Σ s_i·w_i(t)·g_i over the score-form terms, the same over the ε-form terms): each
     None when no term has that form.
@@ -100,12 +123,14 @@ def compose(
     Each g must be a tensor of x_t's shape, dtype and device (a one-line error naming the
     guidance otherwise). ``finite`` collects, per guidance, whether every g so far was
     finite, on the device: :func:`check_finite` reads it once after the loop, so the check
-    costs no host sync per step.
+    costs no host sync per step. ``label_eps``: per term, the ε at its declared ``labels``
+    (None for a term without), passed on as that term's :attr:`StepInput.label_eps`.
     """
     totals: dict[str, Tensor] = {}
-    for term in terms:
+    for i, term in enumerate(terms):
         form = guidance_form(term.guidance, term.name)
-        g = term.guidance(inp)
+        extra = None if label_eps is None else label_eps[i]
+        g = term.guidance(inp if extra is None else replace(inp, label_eps=extra))
         _check_output(term.name, g, inp.x_t)
         if finite is not None:
             ok = torch.isfinite(g).all()

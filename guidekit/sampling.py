@@ -86,6 +86,20 @@ def dpm_classes(
     return class_labels(n, num_classes, classes, per_row, "this class-conditional DPM")
 
 
+def _base_labels(dpm: DPM, terms: Sequence[GuidanceTerm], y: Tensor | None) -> Tensor | None:
+    """The labels of the step's own ε: the null class ∅ when a guidance asks for an
+    unconditional base (classifier-free guidance), else ``y``."""
+    asking = [t.name for t in terms if getattr(t.guidance, "unconditional_base", False)]
+    if not asking:
+        return y
+    null = getattr(dpm.model, "null_label", None)
+    if y is None or null is None:
+        raise GuidekitError(f"guidance '{asking[0]}' samples from the DPM's null class, which "
+                            "this DPM lacks: train one with `guidekit train ddpm --class-cond "
+                            "--cond-drop 0.1`")
+    return torch.full_like(y, null)
+
+
 def build_terms(
     dpm: DPM, requests: Sequence[GuidanceRequest], num_samples: int,
     classes: Sequence[int] = (), class_per_row: bool = False,
@@ -187,6 +201,7 @@ def sample(
                             "--class: add --guidance classifier --classifier PATH, or drop "
                             "--class")
     terms = build_terms(dpm, guidance, n, classes, class_per_row)
+    y = _base_labels(dpm, terms, y)
     gen = torch.Generator(device).manual_seed(seed)
     try:
         x = engine.sample(sampler, shape=(n, *dpm.image_shape), eta=eta, guidance=terms,

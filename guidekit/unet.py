@@ -250,6 +250,9 @@ class UNetConfig(BackboneConfig):
 
     learn_sigma: bool = False  # also output v, the improved-DDPM variance interpolation value
     num_classes: int | None = None  # class-conditional: label_emb(y) joins the time embedding
+    # one more embedding row, label num_classes, for "no class" (∅): trained by dropping labels
+    # (--cond-drop) so one network is also the unconditional model classifier-free guidance needs
+    null_class: bool = False
     num_heads_upsample: int = -1  # heads in the up path without num_head_channels; -1: same
 
     @property
@@ -268,6 +271,9 @@ class UNetConfig(BackboneConfig):
                                              or self.num_classes < 1):
             raise GuidekitError(f"UNetConfig.num_classes must be >= 1 or null, "
                                 f"got {self.num_classes}")
+        if self.null_class and self.num_classes is None:
+            raise GuidekitError("UNetConfig.null_class needs num_classes: a null class only "
+                                "exists beside real ones")
         if self.num_heads_upsample != -1 and self.num_heads_upsample < 1:
             raise GuidekitError(f"UNetConfig.num_heads_upsample must be >= 1 or -1, "
                                 f"got {self.num_heads_upsample}")
@@ -623,6 +629,11 @@ class DownFeatures:
     skips: list[Tensor]  # skip tensors in the order they were produced
     emb: Tensor  # time embedding (B, emb_dim), the class embedding added when conditional
 
+    def first(self, n: int) -> DownFeatures:
+        """The features of the batch's first ``n`` samples (the engine batches extra label
+        evaluations behind a step's own samples)."""
+        return DownFeatures(self.h[:n], [s[:n] for s in self.skips], self.emb[:n])
+
 
 class _Backbone(nn.Module):
     """Time (and class) embedding + down path, shared by :class:`UNet` and
@@ -689,13 +700,20 @@ class UNet(_Backbone):
     config: UNetConfig
 
     def __init__(self, config: UNetConfig) -> None:
-        super().__init__(config, config.num_classes)
+        rows = config.num_classes and config.num_classes + int(config.null_class)
+        super().__init__(config, rows)
         self.middle_block = build_middle_block(config, self.down_channels, self.emb_dim)
         self.output_blocks, ch = build_output_blocks(
             config, self.skip_channels, self.down_channels, self.emb_dim)
         self.out = nn.Sequential(
             config.norm(ch), nn.SiLU(), zero_module(conv3x3(ch, config.out_channels))
         )
+
+    @property
+    def null_label(self) -> int | None:
+        """The label of "no class" (∅) when the UNet has one (``null_class``), else None."""
+        c = self.config
+        return c.num_classes if c.null_class else None
 
     def middle_up(self, feats: DownFeatures) -> Tensor:
         """Middle block + output blocks (consuming skips last-first) + output head."""

@@ -21,8 +21,8 @@ import typer
 
 import guidekit
 
-PACKAGES = ("guidekit", "guidekit_classifier", "guidekit_pdae", "guidekit_p2")
-BUILTIN_PLUGINS = ("p2", "classifier", "pdae")
+PACKAGES = ("guidekit", "guidekit_classifier", "guidekit_pdae", "guidekit_p2", "guidekit_cfg")
+BUILTIN_PLUGINS = ("p2", "classifier", "pdae", "cfg")
 
 # Each command of `guidekit` (built-in plugins loaded) -> the public function doing its work.
 COMMANDS: dict[str, str] = {
@@ -177,6 +177,7 @@ PUBLIC_MODULES = (
     "guidekit.guidance", "guidekit.hookspecs", "guidekit.lookup", "guidekit.ops",
     "guidekit.options", "guidekit.sampling", "guidekit.schedule", "guidekit.specs",
     "guidekit.testing", "guidekit.trainer_options", "guidekit.training", "guidekit.unet",
+    "guidekit.vlb",
 )
 ROOT = Path(__file__).resolve().parents[1]
 
