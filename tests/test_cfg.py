@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from guidekit_cfg import ClassifierFreeGuidance
 from torch import Tensor, nn
 
 from guidekit import ops
@@ -14,7 +15,6 @@ from guidekit.engine import Sampler
 from guidekit.guidance import GuidanceTerm, StepInput
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
 from guidekit.testing import assert_one_line_error, run_cli, tiny_unet_config
-from guidekit_cfg import ClassifierFreeGuidance
 
 MEANS = torch.tensor([[-2.0, 0.5], [2.0, -0.5], [0.0, 2.5]])  # class means of x_0, (K, D)
 SPREAD = 0.3  # each class is N(μ_y, SPREAD² I)
