@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from PIL import Image
 
 from guidekit.checkpoint import atomic_path
 from guidekit.errors import GuidekitError
+from guidekit.grid_labels import check_labels, draw_labels
 from guidekit.memory import check_fits
 from guidekit.options import check_seed
 
@@ -455,6 +456,10 @@ def save_image_grid(
     nrow: int | None = None,
     padding: int = 1,
     scale: int = 1,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write images in [-1, 1], (N, C, H, W) with C in {1, 3}, as one PNG grid.
 
@@ -462,6 +467,14 @@ def save_image_grid(
     white separate and surround the images; ``scale`` upsamples each image by nearest
     neighbour so tiny images are visible. The grid is
     ``rows * (H * scale + padding) + padding`` pixels high and likewise wide.
+
+    ``row_labels`` (one per row), ``col_labels`` (one per column) and ``title`` are drawn
+    into the PNG in dark text on white with Pillow's bundled font: row labels right-aligned
+    in a left margin as wide as the longest (at most 200 pixels; longer ones end in an
+    ellipsis), column labels centred in a strip above their column (wrapped onto up to three
+    lines when wider than the column), the title centred above all. The margins add to the
+    size above; the PNG stays greyscale (L) for 1-channel images and RGB for 3-channel ones.
+    Without labels or title the grid is exactly as before.
     """
     arr = _to_uint8(images, "save_image_grid")
     path = check_png_path(path, "save_image_grid path")
@@ -469,16 +482,24 @@ def save_image_grid(
     per_row = math.ceil(math.sqrt(n)) if nrow is None else _check_positive_int(nrow, "nrow")
     pad = _check_positive_int(padding, "padding", minimum=0)
     up = _check_positive_int(scale, "scale")
+    cols = min(per_row, n)
+    rows = math.ceil(n / cols)
+    rlabels = check_labels(row_labels, rows, "row_labels", "row")
+    clabels = check_labels(col_labels, cols, "col_labels", "column")
+    if title is not None and not isinstance(title, str):
+        raise GuidekitError(f"save_image_grid title must be a string, got "
+                            f"{type(title).__name__}; pass text")
     if up > 1:
         arr = arr.repeat(up, axis=1).repeat(up, axis=2)
         h, w = h * up, w * up
-    cols = min(per_row, n)
-    rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[top : top + h, left : left + w] = arr[i]
+    heading = " ".join(title.split()) if title else None
+    if rlabels is not None or clabels is not None or heading:
+        grid = draw_labels(grid, h, w, pad, rlabels, clabels, heading)
     return _write_png(grid, path)
 
 

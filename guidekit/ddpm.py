@@ -322,8 +322,6 @@ def train_ddpm(
             f"'{data.name}' has {data.channels}x{data.image_size}px"
             + (": give --data of the model's size, or --image-size" if init else "")
         )
-    check_objective(getattr(unet, "num_classes", None), bool(getattr(unet, "null_class", 0)),
-                    cond_drop, vlb_weight, data)
     weights = weighting_table(weighting, sched, weighting_options)
     resolved = lookup.weighting_options(weighting, weighting_options)
     meta = {"name": weighting, "options": _plain(resolved)}
@@ -331,6 +329,9 @@ def train_ddpm(
         check_trainable(lambda: UNet(unet), config, f"a UNet {_size_text(unet)}", _SMALLER)
         torch.manual_seed(config.seed)  # the initial weights
         model = UNet(unet)
+    else:
+        check_trainable(model_builder(entry), config, f"the model of --init {init}",
+                        "fine-tune on a device with more memory (--device)")
     task = DDPMTask(model, sched, weights, meta, data, entry, cond_drop=cond_drop,
                     vlb_weight=vlb_weight)
     result = fit(task, data, out, config, resume=resume, progress=progress)

@@ -11,6 +11,7 @@ from guidekit.training import TrainConfig
 from guidekit.unet import UNetConfig
 
 __all__ = [
+    "assert_grid_layout",
     "assert_one_line_error",
     "make_tiny_dpm",
     "run_cli",
@@ -71,3 +72,27 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def assert_grid_layout(path: str | Path, rows: int, cols: int, cell: int, *,
+                       row_labels: bool = False, col_labels: bool = False) -> None:
+    """A PNG from :func:`~guidekit.data.save_image_grid`: ``rows`` × ``cols`` images of
+    ``cell`` pixels (image and one padding line) fill its bottom-right corner, white padding
+    between them, and its left and top margins hold dark label text beside every row (with
+    ``row_labels``) and above every column (with ``col_labels``)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L"))
+    h, w = arr.shape
+    left, top = w - (cols * cell + 1), h - (rows * cell + 1)
+    assert left >= 0 and top >= 0, (arr.shape, rows, cols)
+    grid = arr[top:, left:]
+    assert (grid[::cell, :] == 255).all() and (grid[:, ::cell] == 255).all(), "padding"
+    assert (left > 0) == row_labels, f"left margin {left} px"
+    for r in range(rows if row_labels else 0):
+        assert (arr[top + r * cell + 1 : top + (r + 1) * cell, :left] < 128).any(), r
+    for q in range(cols if col_labels else 0):
+        assert (arr[:top, left + q * cell + 1 : left + (q + 1) * cell] < 128).any(), q
+

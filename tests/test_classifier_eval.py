@@ -19,48 +19,25 @@ from guidekit_classifier.evaluate import (
 from guidekit_classifier.training import (
     JUDGE_KIND,
     KIND,
-    default_config,
     load_classifier,
     predict,
-    train_classifier,
-    train_judge,
 )
 from PIL import Image
 
 from guidekit.cli.params import parse_scales
 from guidekit.ddpm import load_dpm
 from guidekit.errors import GuidekitError
-from guidekit.lookup import load_dataset
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.specs import QuickstartContext
 from guidekit.testing import assert_one_line_error, run_cli
-from guidekit.training import TrainConfig
 
-TINY = dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(), num_heads=1)
 PER_CLASS = 2
 
 
-def tiny_train(steps: int = 2) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=16, log_every=1, save_every=steps)
-
-
-def tiny_judge(out: Path, image_size: int | None = None) -> Path:
-    data = load_dataset("digits", "train", image_size)
-    train_judge(data, out, model=default_config(data, **TINY), config=tiny_train(),
-                progress=False, test=load_dataset("digits", "test", image_size))
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(guidekit_dpm, tmp_path_factory) -> dict[str, Path]:
+def models(classifier_models) -> dict[str, Path]:
     """The tiny DPM (T = 100) with a tiny classifier on its schedule and a tiny judge."""
-    root = tmp_path_factory.mktemp("clf_eval")
-    data, test = load_dataset("digits", "train"), load_dataset("digits", "test")
-    train_classifier(data, root / "classifier", dpm=guidekit_dpm,
-                     model=default_config(data, **TINY), config=tiny_train(), progress=False,
-                     test=test)
-    return {"ddpm": guidekit_dpm, "classifier": root / "classifier",
-            "judge": tiny_judge(root / "judge")}
+    return classifier_models
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +149,8 @@ def test_parse_scales():
     assert parse_scales(" 0, 1.5,8 ") == [0.0, 1.5, 8.0]
 
 
-def test_judge_of_another_image_size(models, tmp_path, capsys):
-    judge8 = tiny_judge(tmp_path / "judge8", image_size=8)
+def test_judge_of_another_image_size(models, tiny_judge_dir, capsys):
+    judge8 = tiny_judge_dir(8)
     code, _, err = run_cli(
         capsys, "eval", "guidance", "--checkpoint", str(models["ddpm"]), "--classifier",
         str(models["classifier"]), "--judge", str(judge8), "--steps", "1",

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from guidekit.testing import assert_grid_layout
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CELL = 16 * 4 + 1  # a 16 px digit at grid scale 4, with its padding
 
@@ -71,7 +73,8 @@ def test_pdae_reconstruction(tmp_path):
     # even a tiny DPM's inverted x_T holds the image; a random one does not
     assert mse["DDIM (inferred x_T)"] < mse["DDIM (random x_T)"]
     assert s["n"] == 4
-    assert grid_cells(s["grid"]) == (4, 5)  # the originals, then one row per method
+    # the originals, then one row per method, each row labelled
+    assert_grid_layout(s["grid"], 5, 4, CELL, row_labels=True)
 
 
 @pytest.mark.parametrize("script", ["classifier_guidance.py", "pdae_reconstruction.py"])

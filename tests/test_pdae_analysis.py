@@ -32,7 +32,7 @@ from guidekit.ddpm import train_ddpm
 from guidekit.errors import GuidekitError
 from guidekit.lookup import load_dataset
 from guidekit.schedule import ScheduleConfig
-from guidekit.testing import assert_one_line_error, run_cli, tiny_unet_config
+from guidekit.testing import assert_grid_layout, assert_one_line_error, run_cli, tiny_unet_config
 from guidekit.training import TrainConfig
 
 T = 100  # the tiny DPM's schedule
@@ -238,8 +238,10 @@ def test_onestep_cli_grid_layout(capsys, trained, tmp_path):
     res = json.loads(out)
     assert [r["t"] for r in res["timesteps"]] == [10, 50, 90] and res["mse_scale"] == "[0, 1]"
     rows, cols, cell = 1 + 3 * 3, 5, 16 * 4 + 1  # originals, then x_t / pre / PDAE per t
-    with Image.open(res["grid"]) as im:
-        assert im.size == (cols * cell + 1, rows * cell + 1)
+    # the images fill the bottom-right corner; every row has its label beside it
+    assert_grid_layout(res["grid"], rows, cols, cell, row_labels=True)
+    with Image.open(res["grid"]) as im:  # labels over 40 px wide, and a title above
+        assert im.size[0] > cols * cell + 1 + 40 and im.size[1] > rows * cell + 1
     code, out, _ = run_cli(capsys, "pdae", "onestep", "--pdae", str(trained), "--n", "2",
                            "--out-dir", str(tmp_path))
     assert code == 0 and "[0, 1] scale" in out
@@ -275,4 +277,111 @@ def test_cli_mistakes_are_one_line(capsys, trained, tmp_path, args, needles):
 
 def test_missing_checkpoint_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "pdae", "probe", "--pdae", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "nope")
+
+
+# --------------------------------------------------------------------------- gap over DPMs
+
+
+@pytest.fixture(scope="module")
+def cond_dpm(tmp_path_factory):
+    """A tiny class-conditional DPM on digits, the PDAE's schedule (T = 100), 2 steps."""
+    import dataclasses
+
+    data = load_dataset("digits", "train")
+    out = tmp_path_factory.mktemp("cond") / "cond"
+    train_ddpm(data, out, unet=dataclasses.replace(tiny_unet_config(data), num_classes=10),
+               schedule=ScheduleConfig(num_timesteps=T), config=_cfg(2), samples=0,
+               progress=False)
+    return out
+
+
+def _hand_gap(dpm, x0, t, seed, y=None):
+    """c1_t² ‖x̂_0 − x_0‖² per pixel from the DPM's own ε on the seeded x_t."""
+    tab = dpm.schedule.tables
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    k = torch.full((len(x0),), t)
+    x_t = ops.q_sample(tab, x0, k, noise)
+    eps = dpm.model(x_t, k) if y is None else dpm.model(x_t, k, y)
+    c1 = float(tab["posterior_mean_coef1"][t])
+    return float(c1**2 * (ops.predict_x0(tab, x_t, k, eps[:, :1]) - x0).square().mean())
+
+
+def test_gap_of_other_dpms_on_the_same_x_t(pdae, cond_dpm, test_images):
+    from guidekit import load_dpm
+
+    test = load_dataset("digits", "test")
+    x0, y, ts, seed = test.images[:24], test.labels[:24], [5, 60], 2
+    cond = load_dpm(cond_dpm)
+    dpms = {"self": pdae.dpm, "cond": cond}
+    rows = posterior_mean_gap(pdae, x0, ts, seed=seed, dpms=dpms, labels=y)
+    for row, t in zip(rows, ts, strict=True):
+        # the PDAE's own DPM as a --dpm is exactly the pre-trained column
+        assert row["dpms"]["self"] == pytest.approx(row["pretrained"], rel=1e-6)
+        assert row["dpms"]["cond"] == pytest.approx(_hand_gap(cond, x0, t, seed, y), rel=1e-4)
+        every = {**row["dpms"], "pretrained": row["pretrained"], "pdae": row["pdae"]}
+        assert row["order"] == sorted(every, key=lambda k: -every[k])
+        assert set(row) == {"t", "pretrained", "pdae", "ratio", "dpms", "order"}
+    # the class-conditional DPM sees the labels given: other labels, another gap
+    wrong = posterior_mean_gap(pdae, x0, ts[:1], seed=seed, dpms={"cond": cond},
+                               labels=(y + 1) % 10)
+    assert wrong[0]["dpms"]["cond"] != pytest.approx(rows[0]["dpms"]["cond"], rel=1e-6)
+    # without other DPMs the rows are as before
+    assert set(posterior_mean_gap(pdae, x0, ts[:1])[0]) == {"t", "pretrained", "pdae", "ratio"}
+
+
+def test_other_dpms_must_match_schedule_shape_and_labels(pdae, cond_dpm, shapes_pdae,
+                                                         tmp_path, test_images):
+    from guidekit_pdae.analysis import check_comparable
+
+    from guidekit import load_dpm
+    from guidekit.testing import make_tiny_dpm
+
+    x0 = test_images[:4]
+    other_t = load_dpm(make_tiny_dpm(tmp_path / "t50", steps=1, timesteps=50))
+    with pytest.raises(GuidekitError, match=r"another noise schedule \(T = 50\)"):
+        posterior_mean_gap(pdae, x0, [5], dpms={"t50": other_t})
+    rgb = load_dpm(shapes_pdae.parent / "ddpm")
+    with pytest.raises(GuidekitError, match="3x16x16 images but the PDAE's DPM on 1x16x16"):
+        posterior_mean_gap(pdae, x0, [5], dpms={"rgb": rgb})
+    cond = load_dpm(cond_dpm)
+    with pytest.raises(GuidekitError, match="class-conditional: it needs the images' true"):
+        posterior_mean_gap(pdae, x0, [5], dpms={"cond": cond})
+    with pytest.raises(GuidekitError, match="knows 10 classes but the images have label 12"):
+        check_comparable(pdae, {"cond": cond}, torch.tensor([3, 12]))
+
+
+def test_gap_cli_with_dpms(capsys, trained, guidekit_dpm, cond_dpm, tmp_path):
+    code, out, _ = run_cli(capsys, "pdae", "gap", "--pdae", str(trained), "--timesteps",
+                           "10,50", "--n", "8", "--dpm", str(guidekit_dpm), "--dpm",
+                           str(cond_dpm), "--dpm-name", "uncond", "--dpm-name", "class-cond",
+                           "--out-dir", str(tmp_path), "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert [m["name"] for m in res["dpms"]] == ["uncond", "class-cond"]
+    assert [m["kind"] for m in res["dpms"]] == ["unconditional", "class-conditional, true y"]
+    row = res["timesteps"][0]
+    assert set(row["dpms"]) == {"uncond", "class-cond"}
+    assert row["dpms"]["uncond"] == pytest.approx(row["pretrained"], rel=1e-6)  # the same DPM
+    with Image.open(res["plot"]) as im:
+        assert im.format == "PNG"
+    code, out, _ = run_cli(capsys, "pdae", "gap", "--pdae", str(trained), "--timesteps", "50",
+                           "--n", "4", "--dpm", str(cond_dpm), "--out-dir", str(tmp_path))
+    assert code == 0 and "cond" in out and "class-conditional, true y" in out
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--dpm-name", "a", "--dpm-name", "b"], ("2 --dpm-name for 1 --dpm",)),
+    (["--dpm-name", "PDAE"], ("already a column",)),
+])
+def test_gap_cli_dpm_mistakes_are_one_line(capsys, trained, cond_dpm, tmp_path, extra,
+                                           needles):
+    code, _, err = run_cli(capsys, "pdae", "gap", "--pdae", str(trained), "--dpm",
+                           str(cond_dpm), *extra, "--out-dir", str(tmp_path))
+    assert_one_line_error(code, err, *needles)
+
+
+def test_gap_cli_missing_dpm_is_one_line(capsys, trained, tmp_path):
+    code, _, err = run_cli(capsys, "pdae", "gap", "--pdae", str(trained), "--dpm",
+                           str(tmp_path / "nope"), "--out-dir", str(tmp_path))
     assert_one_line_error(code, err, "nope")

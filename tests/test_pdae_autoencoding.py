@@ -34,7 +34,7 @@ from PIL import Image
 from guidekit.data import ImageData
 from guidekit.errors import GuidekitError
 from guidekit.lookup import load_dataset
-from guidekit.testing import assert_one_line_error, run_cli
+from guidekit.testing import assert_grid_layout, assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
 
 TINY = dict(model_channels=8, channel_mult=(1, 2), attention_resolutions=(), num_heads=1)
@@ -231,8 +231,8 @@ def test_reconstruct_cli_grid_table_and_lpips(capsys, tiny_pdae, tmp_path):
     assert [r["method"] for r in res["methods"]] == ["DDIM (inferred x_T)",
                                                      "PDAE (inferred x_T)"]
     assert all(r["lpips"] is not None and r["lpips"] >= 0 for r in res["methods"])
-    with Image.open(res["grid"]) as im:  # originals + two methods, three images each
-        assert im.size == (3 * CELL + 1, 3 * CELL + 1)
+    # originals + two methods, three images each, rows labelled, a title above
+    assert_grid_layout(Path(res["grid"]), 3, 3, CELL, row_labels=True, col_labels=False)
     code, stdout, err = run_cli(capsys, "pdae", "reconstruct", "--pdae", str(tiny_pdae),
                                 "--n", "2", "--steps", "2", "--xT", "random",
                                 "--out-dir", str(tmp_path / "rec2"))
@@ -280,8 +280,8 @@ def test_interpolate_cli(capsys, tiny_pdae, tmp_path):
                                 "--out", str(png), "--json")
     assert code == 0, err
     assert json.loads(stdout)["modes"] == ["z", "shift"]
-    with Image.open(png) as im:  # two rows: image a, 3 frames, image b
-        assert im.size == (5 * CELL + 1, 2 * CELL + 1)
+    # two rows (lerp z, lerp G_ψ): image a, 3 frames (λ = 0, 0.5, 1), image b
+    assert_grid_layout(png, 2, 5, CELL, row_labels=True, col_labels=True)
     code, _, err = run_cli(capsys, "pdae", "interpolate", "--pdae", str(tiny_pdae),
                            "--b", "5000", "--out", str(png))
     assert_one_line_error(code, err, "--b 5000", "297")
@@ -320,8 +320,8 @@ def test_manipulate_cli(capsys, tiny_pdae, judge, tmp_path):
     zero = res["scales"][1]
     assert zero["rose"] == 0.0  # no edit cannot rise above itself
     assert all(0 <= r["p_label"] <= 1 and 0 <= r["rose"] <= 1 for r in res["scales"])
-    with Image.open(res["grid"]) as im:  # three images; original + three scales
-        assert im.size == (4 * CELL + 1, 3 * CELL + 1)
+    # three images; original + three scales, the columns labelled
+    assert_grid_layout(Path(res["grid"]), 3, 4, CELL, row_labels=False, col_labels=True)
 
 
 def test_manipulate_mistakes_are_one_line(capsys, tiny_pdae, guidekit_dpm, judge, loaded,

@@ -17,8 +17,21 @@ from guidekit import __version__
 from guidekit.cli.convert import register as register_convert
 from guidekit.cli.params import (
     EXTRA_ARGS,
+    Classes,
+    ClassPerRow,
+    Clip,
+    ClipOrder,
     Device,
+    Eta,
+    Guidances,
+    GuidanceSchedules,
     JSONOut,
+    Respacing,
+    SamplerName,
+    SampleSteps,
+    Scales,
+    Spacing,
+    Variance,
     echo_json,
     plain_console,
     requests_from_cli,
@@ -47,35 +60,21 @@ def _one_line(text: str) -> str:
 def sample_command(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., help="A ddpm checkpoint directory."),
-    sampler: str = typer.Option("ddim", help="ddim or ddpm."),
-    steps: int = typer.Option(50, help="Sampling steps (respaced from the T training steps)."),
-    spacing: str = typer.Option(
-        None, help="Where --steps go: leading, linspace or trailing (diffusers' names). "
-        "Default: the checkpoint's (a converted diffusers model: its scheduler's), else "
-        "leading for ddim, linspace for ddpm."),
-    respacing: str = typer.Option(None, help="Explicit respacing, e.g. 'ddim25' or '10,5'."),
+    sampler: SamplerName = "ddim",
+    steps: SampleSteps = 50,
+    spacing: Spacing = None,
+    respacing: Respacing = None,
     n: int = typer.Option(16, help="Number of images."),
     seed: int = typer.Option(0, help="Seed of x_T and the sampling noise."),
-    eta: float = typer.Option(0.0, help="DDIM η (0: deterministic)."),
-    variance: str = typer.Option(
-        None, help="DDPM Σ when fixed: small (β̃) or large (β). Default: the checkpoint's, "
-        "else small."),
-    clip: bool = typer.Option(
-        None, "--clip/--no-clip", help="Clip x̂_0 to [-1, 1] in each step. Default: the "
-        "checkpoint's (a converted diffusers model: its clip_sample), else on."),
-    clip_order: str = typer.Option(
-        "clip-then-guide", help="Guided DDIM with --clip: clip-then-guide (guided-diffusion's "
-        "order, the published results') or guide-then-clip."),
-    class_: list[int] = typer.Option(
-        [], "--class", help="Class of a class-conditional DPM (repeat to cycle)."),
-    class_per_row: bool = typer.Option(
-        False, "--class-per-row", help="Class-conditional DPM: one class per block of "
-        "n / num_classes samples."),
-    guidance: list[str] = typer.Option([], help="Guidance plugin name (repeatable)."),
-    scale: list[float] = typer.Option([], help="Guidance scale (one, or one per --guidance)."),
-    guidance_schedule: list[str] = typer.Option(
-        [], help="When guidance is on: constant, snr:LO:HI or t:LO:HI."
-    ),
+    eta: Eta = 0.0,
+    variance: Variance = None,
+    clip: Clip = None,
+    clip_order: ClipOrder = "clip-then-guide",
+    class_: Classes = (),
+    class_per_row: ClassPerRow = False,
+    guidance: Guidances = (),
+    scale: Scales = (),
+    guidance_schedule: GuidanceSchedules = (),
     out: Path = typer.Option(Path("samples.png"), help="PNG grid to write."),
     out_dir: Path = typer.Option(None, help="Also write one PNG per image here."),
     nrow: int = typer.Option(None, help="Images per grid row."),

@@ -27,8 +27,21 @@ from guidekit.specs import StepReport, TrainerContext, TrainerSpec
 __all__ = [
     "DEFAULT_DEVICE",
     "EXTRA_ARGS",
+    "ClassPerRow",
+    "Classes",
+    "Clip",
+    "ClipOrder",
     "Device",
+    "Eta",
+    "GuidanceSchedules",
+    "Guidances",
     "JSONOut",
+    "Respacing",
+    "SampleSteps",
+    "SamplerName",
+    "Scales",
+    "Spacing",
+    "Variance",
     "echo_json",
     "json_safe",
     "parse_scales",
@@ -45,6 +58,39 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 Device = Annotated[str, typer.Option(
     help="cpu, cuda, cuda:N, or auto (a GPU when there is one, else cpu).")]
 JSONOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+# The sampling parameters of every command that samples a DPM the way `guidekit sample`
+# does (defaults go in the signature: "ddim", 50, None, None, 0.0, None, None,
+# "clip-then-guide", (), False, (), (), ()).
+SamplerName = Annotated[str, typer.Option(help="ddim or ddpm.")]
+SampleSteps = Annotated[int, typer.Option(
+    help="Sampling steps (respaced from the T training steps).")]
+Spacing = Annotated[Optional[str], typer.Option(  # noqa: UP045 -- typer reads the annotation
+    help="Where --steps go: leading, linspace or trailing (diffusers' names). Default: the "
+    "checkpoint's (a converted diffusers model: its scheduler's), else leading for ddim, "
+    "linspace for ddpm.")]
+Respacing = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="Explicit respacing, e.g. 'ddim25' or '10,5'.")]
+Eta = Annotated[float, typer.Option(help="DDIM η (0: deterministic).")]
+Variance = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    help="DDPM Σ when fixed: small (β̃) or large (β). Default: the checkpoint's, else small.")]
+Clip = Annotated[Optional[bool], typer.Option(  # noqa: UP045
+    "--clip/--no-clip", help="Clip x̂_0 to [-1, 1] in each step. Default: the checkpoint's "
+    "(a converted diffusers model: its clip_sample), else on.")]
+ClipOrder = Annotated[str, typer.Option(
+    help="Guided DDIM with --clip: clip-then-guide (guided-diffusion's order, the published "
+    "results') or guide-then-clip.")]
+Classes = Annotated[list[int], typer.Option(
+    "--class", help="Class of every sample (repeat to cycle): conditions a class-conditional "
+    "DPM and steers class guidances.")]
+ClassPerRow = Annotated[bool, typer.Option(
+    "--class-per-row", help="Class r for the r-th block of n / num_classes samples.")]
+Guidances = Annotated[list[str], typer.Option(
+    "--guidance", help="Guidance plugin name (repeatable).")]
+Scales = Annotated[list[float], typer.Option(
+    "--scale", help="Guidance scale (one, or one per --guidance).")]
+GuidanceSchedules = Annotated[list[str], typer.Option(
+    "--guidance-schedule", help="When guidance is on: constant, snr:LO:HI or t:LO:HI.")]
 
 
 def _param_name(name: str) -> str:

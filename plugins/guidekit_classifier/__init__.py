@@ -13,6 +13,9 @@ The same from Python (``__all__``)::
     train_judge(data, "runs/judge")                            # guidekit train judge
     clf, judge = load_classifier("runs/clf"), load_classifier("runs/judge", "judge")
     evaluate_guidance(dpm, clf, judge, [0, 4, 8])              # guidekit eval guidance
+    evaluate_guidance_stages(dpm, clf, judge, 8, real)         # ... eval guidance --stages
+    evaluate_stages(dpm, judge, x0, labels)                    # guidekit eval stages
+    evaluate_samples(dpm, judge, 256)                          # guidekit eval samples
 
 Guided sampling is ``guidekit.sample`` with ``GuidanceRequest("classifier", scale,
 options={"classifier": "runs/clf"}), classes=[3])``, or :class:`ClassifierGuidance` in a
@@ -69,11 +72,21 @@ __all__ = [
     "accuracy_by_t",
     "best_grid",
     "default_config",
+    "density_coverage",
     "evaluate_guidance",
+    "evaluate_guidance_stages",
+    "evaluate_samples",
+    "evaluate_stages",
+    "frechet_distance",
+    "inception_fid",
     "judge_accuracy",
+    "judge_features",
     "load_classifier",
     "plot_sweep",
+    "precision_recall",
     "predict",
+    "reference_images",
+    "sample_quality",
     "train_classifier",
     "train_judge",
 ]
@@ -81,8 +94,23 @@ __all__ = [
 # Imported on first use, as the ``eval`` commands are: a broken evaluate module must not stop
 # the plugin from loading.
 _EVALUATE = ("best_grid", "evaluate_guidance", "plot_sweep")
+_QUALITY = ("density_coverage", "evaluate_samples", "frechet_distance", "judge_features",
+            "precision_recall", "reference_images", "sample_quality")
+_FID = ("inception_fid",)
+_STAGES = ("evaluate_guidance_stages", "evaluate_stages")
 if TYPE_CHECKING:
     from .evaluate import best_grid, evaluate_guidance, plot_sweep
+    from .fid import inception_fid
+    from .quality import (
+        density_coverage,
+        evaluate_samples,
+        frechet_distance,
+        judge_features,
+        precision_recall,
+        reference_images,
+        sample_quality,
+    )
+    from .stages import evaluate_guidance_stages, evaluate_stages
 
 
 def __getattr__(name: str) -> Any:
@@ -90,6 +118,18 @@ def __getattr__(name: str) -> Any:
         from guidekit_classifier import evaluate
 
         return getattr(evaluate, name)
+    if name in _QUALITY:
+        from guidekit_classifier import quality
+
+        return getattr(quality, name)
+    if name in _FID:
+        from guidekit_classifier import fid
+
+        return getattr(fid, name)
+    if name in _STAGES:
+        from guidekit_classifier import stages
+
+        return getattr(stages, name)
     raise AttributeError(f"module 'guidekit_classifier' has no attribute '{name}'")
 
 

@@ -27,6 +27,7 @@ from guidekit.guidance import GuidanceTerm, timestep_weight
 from guidekit.specs import QuickstartContext, StepReport
 
 from .guidance import ClassifierGuidance
+from .quality import check_judge_shape, diversity
 from .training import JUDGE_KIND, KIND, LoadedClassifier, check_compatible, load_classifier
 from .training import predict as judge_probs
 
@@ -40,12 +41,7 @@ def check_judge(judge: LoadedClassifier, clf: LoadedClassifier, dpm: DPM) -> Non
     """The judge must score the DPM's images and know the guide's classes."""
     if judge is clf or (judge.path and clf.path and same_path(judge.path, clf.path)):
         raise GuidekitError("the judge must not be the guiding classifier")
-    if judge.image_shape != dpm.image_shape:
-        shape = "x".join(map(str, judge.image_shape))
-        raise GuidekitError(
-            f"the judge ({judge.path}) takes {shape} images but the DPM makes "
-            f"{'x'.join(map(str, dpm.image_shape))}: train a judge on the DPM's data"
-        )
+    check_judge_shape(judge, dpm.image_shape)
     if judge.num_classes != clf.num_classes:
         raise GuidekitError(f"the judge knows {judge.num_classes} classes but the classifier "
                             f"{clf.num_classes}: train both on the same data")
@@ -57,13 +53,6 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 
 
 # --------------------------------------------------------------------------- sweep
-
-
-def diversity(x: Tensor, classes: Tensor) -> float:
-    """Mean pairwise L2 distance between samples of the same class, averaged over classes."""
-    flat = x.flatten(1).double()
-    per_class = [torch.pdist(flat[classes == c]).mean() for c in classes.unique()]
-    return float(torch.stack(per_class).mean())
 
 
 def guided_samples(

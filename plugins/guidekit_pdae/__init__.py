@@ -15,8 +15,9 @@ Every command has a Python function in ``__all__``::
 
 ``encode_images`` (pdae encode), ``interpolate``, ``edit_held_out`` (manipulate),
 ``posterior_mean_gap`` (gap), ``one_step_x0`` (onestep), ``linear_probe`` (probe),
-``train_pdae_latent`` and ``sample_pdae`` (pdae sample) do the rest; :class:`PDAEGuidance`
-is the ``pdae`` guidance for a ``guidekit.GuidanceTerm``.
+``train_pdae_latent``, ``sample_pdae`` (pdae sample) and ``fewstep_generation`` (pdae
+fewstep) do the rest; :class:`PDAEGuidance` is the ``pdae`` guidance for a
+``guidekit.GuidanceTerm``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "PDAEGuidance",
     "edit_held_out",
     "encode_images",
+    "fewstep_generation",
     "fit_direction",
     "interpolate",
     "interpolation_grid",
@@ -73,6 +75,7 @@ __all__ = [
     "load_latents",
     "load_pdae",
     "manipulate",
+    "manipulation_grid",
     "one_step_x0",
     "onestep_grid",
     "pdae_weights",
@@ -90,10 +93,11 @@ __all__ = [
 # must not stop the plugin from loading.
 _LAZY = {
     "autoencoding": ("Direction", "edit_held_out", "encode_images", "fit_direction",
-                     "interpolate", "interpolation_grid", "manipulate", "reconstruct",
-                     "reconstruction_grid"),
+                     "interpolate", "interpolation_grid", "manipulate", "manipulation_grid",
+                     "reconstruct", "reconstruction_grid"),
     "analysis": ("linear_probe", "one_step_x0", "onestep_grid", "plot_gap",
                  "posterior_mean_gap"),
+    "fewstep": ("fewstep_generation",),
 }
 if TYPE_CHECKING:
     import typer
@@ -107,9 +111,11 @@ if TYPE_CHECKING:
         interpolate,
         interpolation_grid,
         manipulate,
+        manipulation_grid,
         reconstruct,
         reconstruction_grid,
     )
+    from .fewstep import fewstep_generation
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,9 @@
 """Does PDAE fill the posterior mean gap? ``guidekit pdae gap``, ``onestep`` and ``probe``.
 
 - gap: per t, E‖μ − μ̃(x_t, x_0)‖² per pixel for the pre-trained mean
-  μ_θ and for PDAE's μ_θ + β̃_t·G_ψ(x_t, E_φ(x_0), t), the mean its loss trains.
+  μ_θ and for PDAE's μ_θ + β̃_t·G_ψ(x_t, E_φ(x_0), t), the mean its loss trains; beside them
+  any other DPMs of the same schedule on the same x_t (a class-conditional one given each
+  image's true label), for the paper's Observation 3: unconditional > class-conditional > PDAE.
 - onestep (Figure 4): x̂_0 from x_t in one step, without and with the shift.
 - probe: how much of x_0's labels or factors a linear model reads off z = E_φ(x_0), against
   raw pixels and an untrained encoder of the same shape.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from guidekit import GuidekitError, ImageData, load_dataset, ops, save_image_grid
+from guidekit import DPM, GuidekitError, ImageData, load_dataset, ops, save_image_grid
 from guidekit.checkpoint import atomic_write_bytes
+from guidekit.engine import Sampler
 from guidekit.trainer_options import parse_ints
 
 from .networks import Encoder, EncoderConfig
@@ -97,37 +101,99 @@ def _shifted(pdae: LoadedPDAE, x0: Tensor, z: Tensor, noise: Tensor, t: int,
 # --------------------------------------------------------------------------- gap
 
 
+def dpm_num_classes(dpm: DPM) -> int | None:
+    """The classes a DPM's model conditions on (None: unconditional)."""
+    return getattr(getattr(dpm.model, "config", None), "num_classes", None)
+
+
+def check_comparable(pdae: LoadedPDAE, dpms: Mapping[str, DPM], labels: Tensor | None) -> None:
+    """Every DPM compared with PDAE's must have its T, betas and image shape (the gap is
+    measured on one x_t against one μ̃); a class-conditional one needs labels it knows."""
+    ref = pdae.dpm
+    betas = ref.schedule.float64["betas"]
+    for name, dpm in dpms.items():
+        where = f"--dpm {name} ({dpm.checkpoint.path})"
+        other = dpm.schedule.float64["betas"]
+        if dpm.schedule.num_steps != ref.schedule.num_steps or not torch.allclose(
+                other, betas, rtol=1e-9, atol=0.0):
+            raise GuidekitError(
+                f"{where} has another noise schedule (T = {dpm.schedule.num_steps}) than the "
+                f"PDAE's DPM (T = {ref.schedule.num_steps}): compare DPMs trained with the same "
+                "--schedule and --timesteps")
+        if dpm.image_shape != ref.image_shape:
+            shape, want = ("x".join(map(str, s)) for s in (dpm.image_shape, ref.image_shape))
+            raise GuidekitError(f"{where} works on {shape} images but the PDAE's DPM on {want}: "
+                                "compare DPMs of the same image shape")
+        k = dpm_num_classes(dpm)
+        if k is None:
+            continue
+        if labels is None:
+            raise GuidekitError(f"{where} is class-conditional: it needs the images' true "
+                                "labels, so use a labelled dataset such as digits")
+        if len(labels) and int(labels.max()) >= k:
+            raise GuidekitError(f"{where} knows {k} classes but the images have label "
+                                f"{int(labels.max())}: use data with the DPM's classes")
+
+
 @torch.no_grad()
 def posterior_mean_gap(
     pdae: LoadedPDAE, x0: Tensor, timesteps: list[int], *, seed: int = 0,
-    y: Tensor | None = None,
-) -> list[dict[str, float]]:
+    y: Tensor | None = None, dpms: Mapping[str, DPM] | None = None,
+    labels: Tensor | None = None,
+) -> list[dict[str, Any]]:
     """Per t: the mean squared gap per pixel to μ̃(x_t, x_0) of the pre-trained mean μ_θ and
     of PDAE's μ_θ + β̃_t·G (the "small" Σ, which is the shift PDAE trains), and their ratio.
-    ``y``: the images' labels, for a class-conditional DPM."""
+    ``y``: the images' labels, for a class-conditional DPM.
+
+    ``dpms``: other DPMs by name, of the PDAE's schedule and image shape, measured on the very
+    same x_t (one ε per image, from ``seed``); a class-conditional one gets ``labels`` (the
+    images' true classes). Their rows then also hold ``"dpms"`` (name → gap) and ``"order"``
+    (every model, largest gap first: the names, ``"pretrained"`` and ``"pdae"``).
+    """
+    dpms = dict(dpms or {})
+    labels = y if labels is None else labels
+    check_comparable(pdae, dpms, labels)
     tab = pdae.dpm.schedule.tables
     x0 = x0.to(pdae.device)
     z, noise = pdae.encode(x0), _noise(x0, seed).to(pdae.device)
+    nets = {name: Sampler(d.model, d.schedule) for name, d in dpms.items()}
+    conditional = {name: dpm_num_classes(d) is not None for name, d in dpms.items()}
     rows = []
     for t in timesteps:
         pre = post = 0.0
-        ys = [None] * len(z.split(BATCH)) if y is None else y.split(BATCH)
-        for xb, zb, nb, yb in zip(x0.split(BATCH), z.split(BATCH), noise.split(BATCH), ys,
-                                  strict=True):
+        extra = dict.fromkeys(dpms, 0.0)
+        start = 0
+        for xb, zb, nb in zip(x0.split(BATCH), z.split(BATCH), noise.split(BATCH),
+                              strict=True):
+            sl = slice(start, start + len(xb))
+            start += len(xb)
+            yb = None if y is None else y[sl]
             x_t, k, eps, g = _shifted(pdae, xb, zb, nb, t, yb)
             target = ops.posterior_mean(tab, xb, x_t, k)
             mean = ops.model_mean(tab, x_t, k, eps)
             var, _ = ops.variance(tab, k, x_t, "small")
             pre += float((mean - target).double().square().sum())
             post += float((mean + var * g - target).double().square().sum())
+            for name, net in nets.items():
+                lb = labels[sl].to(pdae.device) if conditional[name] else None  # type: ignore[index]
+                other, _, _ = net.predict(x_t, k, lb)
+                gap = ops.model_mean(tab, x_t, k, other.float()) - target
+                extra[name] += float(gap.double().square().sum())
         pre, post = pre / x0.numel(), post / x0.numel()
-        rows.append({"t": t, "pretrained": pre, "pdae": post,
-                     "ratio": post / pre if pre > 0 else float("nan")})
+        row: dict[str, Any] = {"t": t, "pretrained": pre, "pdae": post,
+                               "ratio": post / pre if pre > 0 else float("nan")}
+        if dpms:
+            row["dpms"] = {name: v / x0.numel() for name, v in extra.items()}
+            every = {**row["dpms"], "pretrained": pre, "pdae": post}
+            row["order"] = sorted(every, key=lambda name: -every[name])
+        rows.append(row)
     return rows
 
 
-def plot_gap(rows: list[dict[str, float]], path: str | Path, title: str) -> Path:
-    """Both gaps against t on a log y axis."""
+def plot_gap(rows: list[dict[str, Any]], path: str | Path, title: str,
+             labels: Mapping[str, str] | None = None) -> Path:
+    """Every model's gap against t on a log y axis: the pre-trained DPM, PDAE, and each DPM
+    in a row's ``"dpms"`` (``labels``: legend text by name, else the name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,9 +201,14 @@ def plot_gap(rows: list[dict[str, float]], path: str | Path, title: str) -> Path
 
     t = [r["t"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.semilogy(t, [r["pretrained"] for r in rows], "o-", label="pre-trained DPM: μ_θ")
+    markers = iter("^vD<>phx*+" * 10)
+    for name in rows[0].get("dpms", {}) if rows else ():
+        ax.semilogy(t, [r["dpms"][name] for r in rows], f"{next(markers)}--",
+                    label=(labels or {}).get(name, name))
+    ax.semilogy(t, [r["pretrained"] for r in rows], "o-", label="PDAE's pre-trained DPM: μ_θ")
     ax.semilogy(t, [r["pdae"] for r in rows], "s-", label="PDAE: μ_θ + Σ_t·G_ψ")
-    ax.set(xlabel="timestep t", ylabel="posterior mean gap per pixel", title=title)
+    ax.set(xlabel="timestep t (of T training steps)",
+           ylabel="E‖μ − μ̃(x_t, x_0)‖² per pixel (images in [−1, 1])", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save_figure(fig, path)
@@ -155,12 +226,22 @@ def _save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def gap_table(rows: list[dict[str, float]], n: int) -> dict[str, list[dict[str, str]]]:
-    """The gap per t as a titled table of formatted rows (``StepReport.tables``)."""
+def gap_table(rows: list[dict[str, Any]], n: int,
+              names: Mapping[str, str] | None = None) -> dict[str, list[dict[str, str]]]:
+    """The gap per t as a titled table of formatted rows (``StepReport.tables``); with other
+    DPMs, one column each (``names``: column text by name). The rows' ``"order"`` stays in
+    the JSON: as a column it wraps past a terminal's width."""
     title = f"Posterior mean gap E‖μ − μ̃(x_t, x_0)‖² per pixel, {n} test images"
-    return {title: [{"t": str(r["t"]), "pre-trained": f"{r['pretrained']:.3e}",
-                     "PDAE": f"{r['pdae']:.3e}", "PDAE / pre-trained": f"{r['ratio']:.3f}"}
-                    for r in rows]}
+    names = dict(names or {})
+    table = []
+    for r in rows:
+        row = {"t": str(r["t"])}
+        for name, v in r.get("dpms", {}).items():
+            row[names.get(name, name)] = f"{v:.3e}"
+        row.update({"pre-trained": f"{r['pretrained']:.3e}", "PDAE": f"{r['pdae']:.3e}",
+                    "PDAE / pre-trained": f"{r['ratio']:.3f}"})
+        table.append(row)
+    return {title: table}
 
 
 # --------------------------------------------------------------------------- one step
@@ -197,12 +278,18 @@ def _mse01(x: Tensor, x0: Tensor) -> float:
     return float(((x - x0).double() / 2).square().mean())
 
 
-def onestep_grid(x0: Tensor, result: dict[str, Any], path: str | Path) -> Path:
-    """Row 0 the originals; then for each t three rows: x_t, pre-trained x̂_0, PDAE x̂_0."""
-    blocks = [x0.cpu().clamp(-1, 1)]
-    for x_t, pre, post in zip(result["x_t"], result["pretrained"], result["pdae"], strict=True):
+def onestep_grid(x0: Tensor, result: dict[str, Any], path: str | Path,
+                 title: str | None = None) -> Path:
+    """Row 0 the originals; then for each t three rows: x_t, pre-trained x̂_0, PDAE x̂_0,
+    each row labelled in the PNG (``x_0``, ``t=…: x_t``, ...)."""
+    blocks, labels = [x0.cpu().clamp(-1, 1)], ["x_0 (original)"]
+    for row, x_t, pre, post in zip(result["rows"], result["x_t"], result["pretrained"],
+                                   result["pdae"], strict=True):
         blocks += [x_t, pre, post]
-    return save_image_grid(torch.cat(blocks), path, nrow=len(x0), scale=4)
+        t = row["t"]
+        labels += [f"t={t}: x_t", f"t={t}: pre-trained x̂_0", f"t={t}: PDAE x̂_0"]
+    return save_image_grid(torch.cat(blocks), path, nrow=len(x0), scale=4, row_labels=labels,
+                           title=title)
 
 
 def onestep_table(rows: list[dict[str, float]], n: int) -> dict[str, list[dict[str, str]]]:

@@ -163,11 +163,14 @@ def reconstruct(
             "images": {k: v.cpu() for k, v in out.items()}}
 
 
-def reconstruction_grid(x0: Tensor, images: dict[str, Tensor], path: str | Path) -> Path:
-    """Rows: the originals, then each method's reconstructions (first 16 images)."""
+def reconstruction_grid(x0: Tensor, images: dict[str, Tensor], path: str | Path,
+                        title: str | None = None) -> Path:
+    """Rows: the originals, then each method's reconstructions (first 16 images), each row
+    labelled in the PNG with its method."""
     cols = min(GRID_COLUMNS, len(x0))
     rows = [x0[:cols].cpu()] + [x[:cols] for x in images.values()]
-    return save_image_grid(torch.cat(rows), path, nrow=cols, scale=GRID_SCALE)
+    return save_image_grid(torch.cat(rows), path, nrow=cols, scale=GRID_SCALE,
+                           row_labels=["original", *images], title=title)
 
 
 def reconstruction_table(result: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
@@ -236,12 +239,21 @@ def interpolate(
     return out
 
 
+INTERP_ROW_LABELS = {"z": "lerp z", "shift": "lerp G_ψ"}
+
+
 def interpolation_grid(
-    xa: Tensor, xb: Tensor, frames: dict[str, Tensor], path: str | Path
+    xa: Tensor, xb: Tensor, frames: dict[str, Tensor], path: str | Path,
+    title: str | None = None,
 ) -> Path:
-    """One row per mode: image a, the frames, image b."""
+    """One row per mode (labelled lerp z / lerp G_ψ): image a, the frames, image b; the
+    columns are labelled a, λ = 0 … 1, b."""
     rows = [torch.cat([xa[None].cpu(), f, xb[None].cpu()]) for f in frames.values()]
-    return save_image_grid(torch.cat(rows), path, nrow=len(rows[0]), scale=GRID_SCALE)
+    count = len(rows[0]) - 2
+    lams = [f"λ={i / (count - 1):.2g}" for i in range(count)] if count > 1 else ["λ=0"]
+    return save_image_grid(torch.cat(rows), path, nrow=len(rows[0]), scale=GRID_SCALE,
+                           row_labels=[INTERP_ROW_LABELS.get(m, m) for m in frames],
+                           col_labels=["a", *lams, "b"], title=title)
 
 
 # --------------------------------------------------------------------------- manipulate
@@ -364,6 +376,16 @@ def edit_held_out(
                                                        test.labels), 4)
     result["originals"] = x0.cpu()
     return result
+
+
+def manipulation_grid(originals: Tensor, edits: Tensor, scales: Sequence[float],
+                      path: str | Path, title: str | None = None) -> Path:
+    """One row per image: the original, then its edit at each scale (``edits``: (N, S, C, H,
+    W)); the columns are labelled original, s = …."""
+    images = torch.cat([originals.cpu()[:, None], edits.cpu()], dim=1).flatten(0, 1)
+    return save_image_grid(images, path, nrow=len(scales) + 1, scale=GRID_SCALE,
+                           col_labels=["original", *(f"s={float(s):g}" for s in scales)],
+                           title=title)
 
 
 def manipulation_table(result: dict[str, Any]) -> dict[str, list[dict[str, str]]]:

@@ -1,16 +1,17 @@
 """``guidekit pdae ...``: encode, reconstruct, interpolate, manipulate, gap, onestep, probe,
-sample. The only module of the plugin that imports typer: each command parses its flags,
-calls the library functions of autoencoding, analysis and latent, and prints one report."""
+sample, fewstep. The only module of the plugin that imports typer: each command parses its
+flags, calls the library functions of autoencoding, analysis, latent and fewstep, and prints
+one report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 from guidekit import GuidekitError, StepReport, save_image_grid
 from guidekit.cli.params import Device, JSONOut, parse_scales, report
+from guidekit.data import check_output_dir
 from guidekit.options import check_seed
 
 from .analysis import (
@@ -28,7 +29,6 @@ from .analysis import (
     probe_targets,
 )
 from .autoencoding import (
-    GRID_SCALE,
     INTERP_MODES,
     XT_CHOICES,
     edit_held_out,
@@ -36,11 +36,19 @@ from .autoencoding import (
     interpolate,
     interpolation_grid,
     load_images,
+    manipulation_grid,
     manipulation_table,
     pick_image,
     reconstruct,
     reconstruction_grid,
     reconstruction_table,
+)
+from .fewstep import (
+    fewstep_generation,
+    fewstep_grid,
+    fewstep_table,
+    parse_steps,
+    plot_fewstep,
 )
 from .guidance import save_latents
 from .latent import load_latent_dpm, sample_pdae
@@ -115,7 +123,8 @@ def reconstruct_command(
     x0 = load_images(model, data, split, image_size).images[:n]
     result = reconstruct(model, x0, steps=steps, xT=xT, seed=seed, lpips_files=files,
                          progress=not json_out)
-    grid = reconstruction_grid(x0, result.pop("images"), out_dir / "grid.png")
+    grid = reconstruction_grid(x0, result.pop("images"), out_dir / "grid.png",
+                               title=f"Reconstruction of held-out '{data}', DDIM-{steps}")
     result["grid"] = str(grid)
     rows = ", ".join(["originals", *(r["method"] for r in result["methods"])])
     report(StepReport(f"grid (rows: {rows}): {grid}", metrics=result,
@@ -148,7 +157,8 @@ def interpolate_command(
     xa, xb = pick_image(images, a, "--a"), pick_image(images, b, "--b")
     result = interpolate(model, xa, xb, modes=modes, frames=frames, steps=steps,
                          progress=not json_out)
-    grid = interpolation_grid(xa, xb, result, out)
+    grid = interpolation_grid(xa, xb, result, out,
+                              title=f"Interpolating {split} images {a} and {b}, DDIM-{steps}")
     summary = {"grid": str(grid), "a": a, "b": b, "modes": list(modes), "frames": frames,
                "steps": steps}
     report(StepReport(f"grid (rows: {', '.join(modes)}; image a, {frames} frames, image b): "
@@ -187,10 +197,8 @@ def manipulate_command(
     jdg = load_classifier(judge, JUDGE_KIND, model.device)
     result = edit_held_out(model, jdg, train, test, label, scale_list, n=n, steps=steps,
                            seed=seed, progress=not json_out)
-    edits = result.pop("images")
-    grid_images = torch.cat([result.pop("originals")[:, None], edits], dim=1).flatten(0, 1)
-    grid = save_image_grid(grid_images, out_dir / "grid.png", nrow=len(scale_list) + 1,
-                           scale=GRID_SCALE)
+    grid = manipulation_grid(result.pop("originals"), result.pop("images"), scale_list,
+                             out_dir / "grid.png", title=f"Editing toward label {label}")
     result["grid"] = str(grid)
     report(StepReport(f"grid (rows: images; columns: original, s = {scales}): {grid}",
                       metrics=result, tables=manipulation_table(result)), json_out)
@@ -214,22 +222,63 @@ def gap_command(
     timesteps: str = typer.Option(None, help="Comma-separated t in 1..T-1 (default: 1, T/100, "
                                   "T/40, T/20, every T/10, T-1)."),
     n: int = typer.Option(256, help="Test images to average over."),
+    dpm: list[Path] = typer.Option([], "--dpm", help="Another DDPM checkpoint to measure on "
+                                   "the same x_t (repeatable); a class-conditional one is "
+                                   "given each image's true label. Same T, betas and image "
+                                   "shape as the PDAE's DPM."),
+    dpm_name: list[str] = typer.Option([], "--dpm-name", help="Names of the --dpm models, in "
+                                       "order (repeatable; default: their folder names)."),
     image_size: int = SIZE_OPT,
     seed: int = SEED_OPT,
     out_dir: Path = typer.Option(None, help="Where gap.png goes (default: PDAE/analysis)."),
     device: Device = "auto",
     json_out: JSONOut = False,
 ) -> None:
-    """Posterior mean gap per t of the pre-trained DPM and of PDAE."""
+    """Posterior mean gap per t of the pre-trained DPM and of PDAE, beside any other DPMs
+    (--dpm) on the same held-out images, noise and t."""
+    from guidekit import load_dpm
+
+    from .analysis import dpm_num_classes
+
     check_seed(seed)
+    names = _dpm_names(dpm, dpm_name)
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps)
-    x0, y = _first_held_out(model, data, n, image_size, seed)
-    rows = posterior_mean_gap(model, x0, ts, seed=seed, y=y)
+    others = {name: load_dpm(path, model.device) for name, path in zip(names, dpm, strict=True)}
+    images = held_out(model, data, image_size=image_size, seed=seed)
+    x0 = first_images(images, n)
+    y = model.labels(images, len(x0))
+    labels = None if images.labels is None else images.labels[: len(x0)]
+    rows = posterior_mean_gap(model, x0, ts, seed=seed, y=y, dpms=others, labels=labels)
+    kinds = {name: "class-conditional, true y" if dpm_num_classes(d) is not None
+             else "unconditional" for name, d in others.items()}
+    legend = {name: f"{name} ({kinds[name]}): μ_θ" for name in others}
     plot = plot_gap(rows, (out_dir or pdae / "analysis") / "gap.png",
-                    f"posterior mean gap, {len(x0)} test images")
-    report(StepReport(f"plot: {plot}", tables=gap_table(rows, len(x0)),
-                      metrics={"n": len(x0), "timesteps": rows, "plot": str(plot)}), json_out)
+                    f"Posterior mean gap, {len(x0)} held-out '{images.name}' images", legend)
+    models = [{"name": name, "path": str(path), "kind": kinds[name]}
+              for name, path in zip(names, dpm, strict=True)]
+    compared = "".join(f"\n--dpm {m['name']}: {m['kind']}, {m['path']}" for m in models)
+    report(StepReport(f"plot: {plot}{compared}", tables=gap_table(rows, len(x0)),
+                      metrics={"n": len(x0), "timesteps": rows, "plot": str(plot),
+                               "dpms": models}), json_out)
+
+
+def _dpm_names(paths: list[Path], names: list[str]) -> list[str]:
+    """The --dpm models' names: --dpm-name in order, else folder names; unique, and none
+    of the fixed columns' names."""
+    if names and len(names) != len(paths):
+        raise GuidekitError(f"{len(names)} --dpm-name for {len(paths)} --dpm: give one name "
+                            "per --dpm, or none to use their folder names")
+    chosen = [n.strip() for n in names] if names else [Path(p).resolve().name for p in paths]
+    taken = {"pretrained", "pre-trained", "pdae", "t"}
+    for name in chosen:
+        if not name:
+            raise GuidekitError("--dpm-name must not be empty: name each --dpm")
+        if name.lower() in taken:
+            raise GuidekitError(f"the --dpm name '{name}' is already a column (or repeats "
+                                "another): give distinct names with --dpm-name")
+        taken.add(name.lower())
+    return chosen
 
 
 @pdae_app.command("onestep")
@@ -252,7 +301,8 @@ def onestep_command(
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
     x0, y = _first_held_out(model, data, n, image_size, seed)
     result = one_step_x0(model, x0, ts, seed=seed, y=y)
-    grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png")
+    grid = onestep_grid(x0, result, (out_dir or pdae / "analysis") / "onestep.png",
+                        title=f"One-step x̂_0 from x_t, held-out '{data}'")
     summary = {"n": len(x0), "mse_scale": "[0, 1]", "timesteps": result["rows"],
                "grid": str(grid)}
     report(StepReport(f"grid (row 1 the originals, then per t: x_t / pre-trained x̂_0 / PDAE "
@@ -304,7 +354,9 @@ def sample_command(
                       progress=not json_out)
     grid = out or latent_dpm / "samples.png"
     summary = {
-        "grid": str(save_image_grid(res["images"], grid, scale=4)),
+        "grid": str(save_image_grid(res["images"], grid, scale=4,
+                                    title=f"PDAE samples: z by DDIM-{latent_steps}, decoded "
+                                    f"by DDIM-{steps}")),
         "latents": str(save_latents(res["z"], Path(grid).with_suffix(".safetensors"), loaded)),
         "n": n, "steps": steps, "latent_steps": latent_steps, "seed": seed,
         "latent_seconds": res["latent_seconds"], "decode_seconds": res["decode_seconds"],
@@ -317,3 +369,51 @@ def sample_command(
     ]
     report(StepReport("", metrics=summary, tables={f"{n} PDAE samples": stages},
                       text=f"grid: {summary['grid']}\nlatents: {summary['latents']}"), json_out)
+
+
+@pdae_app.command("fewstep")
+def fewstep_command(
+    pdae: Path = PDAE_OPT,
+    latent_dpm: Path = typer.Option(..., help="Its latent DPM (guidekit train pdae-latent)."),
+    judge: Path = typer.Option(..., help="A clean judge on the same data (guidekit train "
+                               "judge): its features score the samples."),
+    pretrained: Path = PRETRAINED_OPT,
+    steps: str = typer.Option(None, help="Comma-separated DDIM step counts (default: "
+                              "10,20,50,100)."),
+    n: int = typer.Option(500, help="Samples per method and step count."),
+    latent_steps: int = typer.Option(100, help="DDIM steps of the latent DPM (z is drawn once "
+                                     "and reused at every step count)."),
+    k: int = typer.Option(5, help="Neighbours of the precision / recall balls."),
+    data: str = DATA_OPT,
+    image_size: int = SIZE_OPT,
+    seed: int = typer.Option(0, help="Seed of the latent noise (x_T uses seed + 1)."),
+    out_dir: Path = typer.Option(Path("runs/pdae_fewstep"), help="Where fewstep.png and "
+                                 "grid.png go."),
+    device: Device = "auto",
+    json_out: JSONOut = False,
+) -> None:
+    """Few-step generation: FD (judge features) of plain DDIM vs PDAE at each step count,
+    from the same x_T, against held-out images (up to --n of the test split)."""
+    try:  # the judge and its feature-space metrics live in the classifier plugin
+        import guidekit_classifier.quality  # noqa: F401 -- fewstep_generation's metrics
+        from guidekit_classifier.training import JUDGE_KIND, load_classifier
+    except ImportError as exc:
+        raise GuidekitError(f"pdae fewstep needs the classifier plugin for its judge and FD "
+                            f"({exc}): install guidekit with guidekit_classifier") from None
+
+    check_seed(seed)
+    out = check_output_dir(out_dir)
+    model = load_pdae(pdae, pretrained, device)
+    model.require_unconditional("pdae fewstep")
+    step_list = parse_steps(steps, model.dpm.schedule.num_steps)
+    latent = load_latent_dpm(latent_dpm, model, model.device)
+    jdg = load_classifier(judge, JUDGE_KIND, model.device)
+    real = held_out(model, data, "test", image_size, seed).images[:n]
+    result = fewstep_generation(model, latent, jdg, real, steps=step_list, n=n,
+                                latent_steps=latent_steps, seed=seed, k=k,
+                                progress=not json_out)
+    result["grid"] = str(fewstep_grid(result, out / "grid.png"))
+    result.pop("images")
+    result["plot"] = str(plot_fewstep(result, out / "fewstep.png"))
+    report(StepReport(f"plot: {result['plot']}\ngrid (rows: DDIM-K / PDAE-K): {result['grid']}",
+                      metrics=result, tables=fewstep_table(result)), json_out)

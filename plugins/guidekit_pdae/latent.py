@@ -341,19 +341,24 @@ def sample_latents(
 
 def decode_latents(
     pdae: LoadedPDAE, z: Tensor, *, steps: int = 100, seed: int = 0, scale: float = 1.0,
-    progress: bool = False,
+    progress: bool = False, x_T: Tensor | None = None,
 ) -> Tensor:
-    """Images (n, C, H, W) in [−1, 1] from latents (n, D): DDIM from random x_T on the frozen
-    DPM with the PDAE guidance (G_ψ toward z) at ``scale``."""
+    """Images (n, C, H, W) in [−1, 1] from latents (n, D): DDIM from random x_T (from
+    ``seed``, or the given ``x_T``) on the frozen DPM with the PDAE guidance (G_ψ toward z)
+    at ``scale``."""
     pdae.require_unconditional("pdae sample")
     _check_steps(steps, pdae.dpm.schedule.num_steps, "--steps")
     device = pdae.device
     engine = pdae.dpm.sampler(steps=respacing("ddim", steps, pdae.dpm.defaults.spacing),
                               clip_x0=True)
     term = GuidanceTerm(PDAEGuidance(pdae, z.to(device)), scale=scale, name="pdae")
+    shape = (len(z), *pdae.dpm.image_shape)
+    if x_T is not None and tuple(x_T.shape) != shape:
+        raise GuidekitError(f"x_T must have shape {shape} (one per latent), got "
+                            f"{tuple(x_T.shape)}")
     gen = torch.Generator(device).manual_seed(seed)
-    x = engine.ddim(shape=(len(z), *pdae.dpm.image_shape), guidance=[term], generator=gen,
-                    device=device, progress=progress)
+    x = engine.ddim(None if x_T is None else x_T.to(device), shape=shape, guidance=[term],
+                    generator=gen, device=device, progress=progress)
     return x.clamp(-1, 1)
 
 

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from guidekit import (
     QuickstartContext,
     QuickstartStep,
@@ -29,10 +27,10 @@ from .analysis import (
     posterior_mean_gap,
 )
 from .autoencoding import (
-    GRID_SCALE,
     edit_held_out,
     interpolate,
     interpolation_grid,
+    manipulation_grid,
     reconstruct,
     reconstruction_grid,
 )
@@ -80,7 +78,8 @@ def quickstart_pdae(ctx: QuickstartContext) -> StepReport:
     plot = plot_gap(gap, folder / "gap.png", "posterior mean gap, held-out digits")
     x0 = test[:8]
     one = one_step_x0(pdae, x0, default_onestep_timesteps(num_steps), seed=ctx.seed)
-    grid = onestep_grid(x0, one, folder / "onestep.png")
+    grid = onestep_grid(x0, one, folder / "onestep.png",
+                        title="One-step x̂_0 from x_t, held-out digits")
     return StepReport(
         "PDAE: filling the posterior mean gap",
         images=[plot, grid],
@@ -107,11 +106,13 @@ def quickstart_autoencoding(ctx: QuickstartContext) -> StepReport:
     folder = ctx.out / "pdae" / "autoencoding"
     x0 = test.images[: 4 if ctx.fast else QS_RECONSTRUCT_N]
     rec = reconstruct(pdae, x0, steps=steps, xT="both", seed=ctx.seed, progress=ctx.progress)
-    images = [reconstruction_grid(x0, rec.pop("images"), folder / "reconstruct.png")]
+    images = [reconstruction_grid(x0, rec.pop("images"), folder / "reconstruct.png",
+                                  title=f"Reconstruction of held-out digits, DDIM-{steps}")]
     frames = interpolate(pdae, test.images[0], test.images[1], frames=7, steps=steps,
                          progress=ctx.progress)
     images.append(interpolation_grid(test.images[0], test.images[1], frames,
-                                     folder / "interpolate.png"))
+                                     folder / "interpolate.png",
+                                     title=f"Interpolating test digits 0 and 1, DDIM-{steps}"))
     tables = {f"reconstruction of {rec['n']} held-out digits, DDIM-{steps}":
               _round([{k: v for k, v in r.items() if k != "lpips"} for r in rec["methods"]])}
     metrics: dict[str, Any] = {}
@@ -146,8 +147,8 @@ def _edit(ctx: QuickstartContext, pdae: LoadedPDAE, train, test, judge_dir: Path
     res = edit_held_out(pdae, judge, train, test, QS_EDIT["label"], scales,
                         n=2 if ctx.fast else QS_EDIT["n"], steps=steps, seed=ctx.seed,
                         progress=ctx.progress)
-    grid = torch.cat([res.pop("originals")[:, None], res.pop("images")], dim=1).flatten(0, 1)
-    res["grid"] = str(save_image_grid(grid, path, nrow=len(scales) + 1, scale=GRID_SCALE))
+    res["grid"] = str(manipulation_grid(res.pop("originals"), res.pop("images"), scales, path,
+                                        title=f"Editing toward digit {QS_EDIT['label']}"))
     return res
 
 
@@ -166,7 +167,8 @@ def quickstart_sample(ctx: QuickstartContext) -> StepReport:
     n, ddim = (4, 5) if ctx.fast else (QS_SAMPLES, 100)
     res = sample_pdae(pdae, load_latent_dpm(out, pdae), n, steps=ddim, latent_steps=ddim,
                       seed=ctx.seed, progress=ctx.progress)
-    grid = save_image_grid(res["images"], out / "samples.png", scale=4)
+    grid = save_image_grid(res["images"], out / "samples.png", scale=4,
+                           title=f"PDAE samples: z by DDIM-{ddim}, decoded by DDIM-{ddim}")
     return StepReport(
         "PDAE: new digits from a latent DPM",
         images=[grid],
