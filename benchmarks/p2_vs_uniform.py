@@ -9,7 +9,8 @@ test split) in the features of one judge (trained once here, or ``--judge PATH``
 
 Printed (``--json``: one JSON object on stdout, the tables on stderr): per run FD, precision,
 recall, density and coverage; per weighting the mean ± sample std over seeds; per seed the
-paired difference P2 − uniform, with its mean ± std. FD is in the judge's feature space, not
+paired difference P2 − uniform, with its mean ± std. ``OUT/p2_vs_uniform.png`` plots FD and
+precision per seed, each seed's pair joined. FD is in the judge's feature space, not
 Inception's: compare the two weightings with each other, not with published FIDs.
 
     python benchmarks/p2_vs_uniform.py         # defaults: 3 seeds x 2 weightings x 600 steps,
@@ -174,6 +175,28 @@ def print_tables(console: Console, result: dict[str, Any]) -> None:
                   markup=False)
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """FD and precision per seed, uniform and P2 side by side, each seed's pair joined."""
+    from guidekit.plots import pyplot, save_figure
+
+    plt = pyplot()
+    by = {(r["weighting"], r["seed"]): r for r in result["runs"]}
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6), dpi=100)
+    for ax, m, label in ((axes[0], "fd", "FD in judge features (lower is better)"),
+                         (axes[1], "precision", "precision (higher is better)")):
+        for s in result["config"]["seeds"]:
+            ax.plot([0, 1], [by["uniform", s][m], by["p2", s][m]], "o-", alpha=0.7,
+                    label=f"seed {s}")
+        ax.set_xticks([0, 1], ["uniform", f"P2 (γ={result['config']['gamma']:g})"])
+        ax.set(xlim=(-0.3, 1.3), ylabel=label, xlabel="loss weighting")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    c = result["config"]
+    fig.suptitle(f"P2 vs uniform: {c['steps']} steps, {c['n']} DDIM-{c['sample_steps']} "
+                 "samples per run", fontsize=10)
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=args.json, width=150)
@@ -205,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "per_weighting": per, "paired": paired,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    result["plot"] = str(plot(result, args.out / "p2_vs_uniform.png"))
     print_tables(console, result)
+    console.print(f"plot: {result['plot']}", markup=False)
     console.print(f"wall time {result['wall_s']:.0f} s")
     if args.json:
         print(json.dumps(json_safe(result), indent=2))

@@ -32,7 +32,7 @@ from guidekit.lookup import load_dataset
 from guidekit.plugins import get_registry
 from guidekit.sampling import GuidanceRequest, class_labels, sample
 from guidekit.schedule import NoiseSchedule, ScheduleConfig
-from guidekit.testing import assert_one_line_error, run_cli
+from guidekit.testing import assert_grid_layout, assert_one_line_error, run_cli
 from guidekit.training import TrainConfig
 from guidekit.unet import ClassifierConfig
 
@@ -325,7 +325,8 @@ def test_quickstart_step_fast(guidekit_dpm, tmp_path):
     shutil.copytree(guidekit_dpm, tmp_path / "ddpm")
     report = quickstart_classifier(QuickstartContext(tmp_path, seed=0, fast=True,
                                                      progress=False))
-    assert (tmp_path / "classifier" / "class_grid.png").exists()
+    assert_grid_layout(tmp_path / "classifier" / "class_grid.png", 10, 8, 16 * 4 + 1,
+                       row_labels=True)  # a labelled row per class
     assert load_classifier(tmp_path / "judge", JUDGE_KIND).num_classes == 10
     assert len(report.tables["noisy classifier: held-out accuracy by t"]) == 10
     assert 0 <= report.metrics["judge_test_accuracy"] <= 1

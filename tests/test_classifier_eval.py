@@ -29,7 +29,7 @@ from guidekit.ddpm import load_dpm
 from guidekit.errors import GuidekitError
 from guidekit.sampling import GuidanceRequest, sample
 from guidekit.specs import QuickstartContext
-from guidekit.testing import assert_one_line_error, run_cli
+from guidekit.testing import assert_grid_layout, assert_one_line_error, run_cli
 
 PER_CLASS = 2
 
@@ -109,9 +109,8 @@ def test_cli_writes_plot_and_grid(models, tmp_path, capsys):
     assert Path(res["plot"]) == out / "sweep.png" and Path(res["grid"]).parent == out
     with Image.open(res["plot"]) as im:
         assert im.format == "PNG"
-    with Image.open(res["grid"]) as im:  # one row per class, per_class images per row
-        cell = 16 * 4 + 1
-        assert im.size == (PER_CLASS * cell + 1, 10 * cell + 1)
+    # one labelled row per class, per_class images per row, a title above
+    assert_grid_layout(res["grid"], 10, PER_CLASS, 16 * 4 + 1, row_labels=True)
 
 
 def test_cli_table_and_default_out_dir(models, tmp_path, capsys):

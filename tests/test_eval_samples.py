@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from guidekit_classifier.quality import evaluate_samples, reference_images, sample_quality
+from guidekit_classifier.quality import (
+    diversity,
+    evaluate_samples,
+    reference_images,
+    sample_quality,
+)
 from guidekit_classifier.training import (
     JUDGE_KIND,
     load_classifier,
@@ -22,7 +27,7 @@ from PIL import Image
 
 from guidekit.ddpm import load_dpm
 from guidekit.sampling import GuidanceRequest, sample
-from guidekit.testing import assert_one_line_error, run_cli
+from guidekit.testing import assert_grid_layout, assert_one_line_error, run_cli
 
 FIGURES = ("fd", "precision", "recall", "density", "coverage")
 
@@ -96,8 +101,10 @@ def test_judged_accuracy_with_classifier_guidance(models, capsys, tmp_path):
     target = torch.arange(10).repeat_interleave(2)
     want = float((predict(judge, x).argmax(-1) == target).double().mean())
     assert result["judged_accuracy"] == pytest.approx(want)
+    assert result["diversity"] == pytest.approx(diversity(x, target))  # same-class L2
     assert result["guidance"] == [{"name": "classifier", "scale": 2.0, "schedule": "constant"}]
-    assert Image.open(result["grid"]).size[0] < Image.open(result["grid"]).size[1]  # 2 a row
+    # one labelled row per class, 2 a row (16 px digits at scale 4)
+    assert_grid_layout(result["grid"], 10, 2, 16 * 4 + 1, row_labels=True)
 
 
 def test_python_api_reports_settings_and_samples(models):

@@ -178,9 +178,9 @@ PUBLIC_MODULES = (
     "guidekit.checkpoint", "guidekit.cli.params", "guidekit.config", "guidekit.data",
     "guidekit.ddpm", "guidekit.distributed", "guidekit.engine", "guidekit.errors",
     "guidekit.guidance", "guidekit.hookspecs", "guidekit.lookup", "guidekit.ops",
-    "guidekit.options", "guidekit.sampling", "guidekit.schedule", "guidekit.specs",
-    "guidekit.testing", "guidekit.trainer_options", "guidekit.training", "guidekit.unet",
-    "guidekit.vlb",
+    "guidekit.options", "guidekit.plots", "guidekit.sampling", "guidekit.schedule",
+    "guidekit.specs", "guidekit.testing", "guidekit.trainer_options", "guidekit.training",
+    "guidekit.unet", "guidekit.vlb",
 )
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,6 +29,7 @@ from guidekit_classifier.training import (
     LoadedClassifier,
     load_classifier,
 )
+from PIL import Image
 from scipy import linalg
 
 from guidekit.errors import GuidekitError
@@ -369,5 +370,8 @@ def test_p2_benchmark_smoke(tiny_judge, tmp_path):
             assert stats["mean"] == pytest.approx((by[w, 0][m] + by[w, 1][m]) / 2)
             assert math.isfinite(stats["std"])
     assert result["config"]["gamma"] == 0.5 and result["config"]["n_real"] == 8
+    assert result["plot"] == str(tmp_path / "runs" / "p2_vs_uniform.png")
+    with Image.open(result["plot"]) as im:
+        assert im.format == "PNG"
     p2 = json.loads((tmp_path / "runs" / "p2_g0.5_seed0" / "config.json").read_text())
     assert p2["weighting"] == {"name": "p2", "options": {"p2_gamma": 0.5, "p2_k": 1.0}}

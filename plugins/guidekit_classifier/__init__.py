@@ -257,7 +257,9 @@ def quickstart_classifier(ctx: QuickstartContext) -> StepReport:
     x = sample(load_dpm(ctx.out / "ddpm"), n_classes * QS_PER_CLASS, sampler="ddim",
                steps=5 if ctx.fast else 50, guidance=[request], seed=ctx.seed,
                class_per_row=True, progress=ctx.progress)
-    grid = save_image_grid(x, clf_dir / "class_grid.png", nrow=QS_PER_CLASS, scale=4)
+    grid = save_image_grid(x, clf_dir / "class_grid.png", nrow=QS_PER_CLASS, scale=4,
+                           row_labels=[f"class {c}" for c in range(n_classes)],
+                           title=f"Classifier guidance, scale {QS_SCALE:g}, DDIM")
     target = torch.arange(n_classes).repeat_interleave(QS_PER_CLASS)
     judged = predict(load_classifier(judge_dir, JUDGE_KIND), x).argmax(-1)
     return StepReport(

@@ -166,8 +166,9 @@ def samples_command(
     # one row per class, as --class-per-row lays the samples out
     classes = getattr(getattr(dpm.model, "config", None), "num_classes", None) or jdg.num_classes
     nrow = n // classes if class_per_row else None
+    labels = [f"class {c}" for c in range(classes)] if class_per_row else None
     result = {"checkpoint": str(checkpoint), "judge": str(judge), **result}
-    report(save_samples(result, out, nrow), json_out)
+    report(save_samples(result, out, nrow, labels), json_out)
 
 
 @eval_app.command("stages")

@@ -9,7 +9,6 @@ samples: that rewards adversarial gradients, not images of the class.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidekit.checkpoint import atomic_write_bytes
 from guidekit.data import save_image_grid
 from guidekit.ddpm import DPM, load_dpm
 from guidekit.engine import check_sampler, respacing
 from guidekit.errors import GuidekitError
 from guidekit.guidance import GuidanceTerm, timestep_weight
+from guidekit.plots import pyplot, save_figure
 from guidekit.specs import QuickstartContext, StepReport
 
 from .guidance import ClassifierGuidance
@@ -151,10 +150,7 @@ def plot_sweep(
 ) -> Path:
     """A PNG of accuracy (solid) and confidence (dashed) against scale, diversity on the right
     axis (dotted); ``rows`` may map a label (e.g. a sampler) to its rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sweeps = rows if isinstance(rows, dict) else {"": rows}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -171,21 +167,18 @@ def plot_sweep(
     div_ax.set_ylabel("diversity (dotted): mean same-class L2")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def best_grid(result: dict[str, Any], path: str | Path) -> Path:
     """The best scale's samples as a grid, one row per class."""
     i = [r["scale"] for r in result["scales"]].index(result["best_scale"])
     x = result["samples"][i]
-    return save_image_grid(x, path, nrow=result["per_class"], scale=max(1, 64 // x.shape[-1]))
+    classes = result["classes"].unique().tolist()
+    return save_image_grid(x, path, nrow=result["per_class"], scale=max(1, 64 // x.shape[-1]),
+                           row_labels=[f"class {c}" for c in classes],
+                           title=f"{result['sampler'].upper()}-{result['steps']}, "
+                           f"guidance scale {result['best_scale']:g}")
 
 
 def save_sweep(result: dict[str, Any], out_dir: str | Path) -> StepReport:

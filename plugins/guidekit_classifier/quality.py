@@ -435,13 +435,16 @@ SAMPLE_METRICS = ("fd", "precision", "recall", "density", "coverage", "judged_ac
                   "diversity", "inception_fid")
 
 
-def save_samples(result: dict[str, Any], out: Path, nrow: int | None = None) -> StepReport:
-    """Write :func:`evaluate_samples`' samples as ``out/samples.png`` (``nrow`` per row); the
-    report of ``guidekit eval samples``: its figures (``metrics``, what ``--json`` prints, the
-    samples left out), the table and where the grid went."""
+def save_samples(result: dict[str, Any], out: Path, nrow: int | None = None,
+                 row_labels: Sequence[str] | None = None) -> StepReport:
+    """Write :func:`evaluate_samples`' samples as ``out/samples.png`` (``nrow`` per row, rows
+    labelled by ``row_labels``); the report of ``guidekit eval samples``: its figures
+    (``metrics``, what ``--json`` prints, the samples left out), the table and where the grid
+    went."""
     x = result.pop("samples")
     out.mkdir(parents=True, exist_ok=True)
-    grid = save_image_grid(x, out / "samples.png", nrow=nrow, scale=max(1, 64 // x.shape[-1]))
+    grid = save_image_grid(x, out / "samples.png", nrow=nrow, scale=max(1, 64 // x.shape[-1]),
+                           row_labels=row_labels)
     metrics = {**result, "grid": str(grid)}
     rows = [{"metric": m, "value": f"{result[m]:.4f}"} for m in SAMPLE_METRICS if m in result]
     note = (f"judged accuracy: not reported ({result['accuracy_note']})"

@@ -13,7 +13,6 @@ imperceptible details from SNR 1.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Sequence
@@ -23,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from guidekit.checkpoint import atomic_write_bytes
 from guidekit.data import save_image_grid
 from guidekit.ddpm import DPM
 from guidekit.engine import respacing
 from guidekit.errors import GuidekitError
 from guidekit.guidance import timestep_weight
+from guidekit.plots import pyplot, save_figure
 from guidekit.specs import StepReport
 
 from .evaluate import check_judge, guided_samples
@@ -192,42 +191,20 @@ def stages_grid(result: dict[str, Any], path: str | Path, images: int = 4) -> Pa
                            title="Stochastic reconstruction: x_0 -> x_t -> DDPM -> x_0")
 
 
-def _save_plot(fig: Any, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_stages(result: dict[str, Any], path: str | Path) -> Path:
     """Label agreement (left axis) and RMSE / spread (right axis) against the SNR x_t was
     taken at, log scale, the P2 stage boundaries 10⁻² and 1 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     lv = result["levels"]
     snr = [r["snr"] for r in lv]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4.6), dpi=100)
     ax.plot(snr, [r["label_agreement"] for r in lv], "o-", color="C0",
             label="judged label = x_0's")
     ax.axhline(result["judge_accuracy_x0"], color="C0", ls=":", lw=1,
                label="judge accuracy on x_0")
     ax.set(xscale="log", xlabel="SNR of x_t (ᾱ_t / (1 − ᾱ_t), log scale)",
            ylabel="label agreement (fraction)", ylim=(0, 1.02),
-           title=f"What DDPM re-makes below each SNR ({result['repeats']} draws)")
+           title=f"x_0 → x_t → DDPM → x_0, {result['n']} images x {result['repeats']} draws")
     for b in (0.01, 1.0):
         ax.axvline(b, color="grey", ls="--", lw=1)
     px = ax.twinx()
@@ -236,9 +213,10 @@ def plot_stages(result: dict[str, Any], path: str | Path) -> Path:
     px.set_ylabel("pixel RMSE (pixel values in [0, 1])")
     px.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + px.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="center right", fontsize=8)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+              fontsize=8)
     ax.grid(alpha=0.3)
-    return _save_plot(fig, path)
+    return save_figure(fig, path)
 
 
 def save_stages(result: dict[str, Any], out: Path, grid_images: int = 4) -> StepReport:
@@ -326,7 +304,7 @@ BAND_METRICS = ("accuracy", "confidence", "diversity", "fd", "precision", "recal
 
 def plot_guidance_stages(result: dict[str, Any], path: str | Path) -> Path:
     """Bars of accuracy and confidence per band (left axis), FD per band (right axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = result["bands"]
     pos = range(len(rows))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -343,7 +321,7 @@ def plot_guidance_stages(result: dict[str, Any], path: str | Path) -> Path:
     fd.set_ylabel("Fréchet distance in judge features (lower is better)")
     handles = ax.get_legend_handles_labels()[0] + fd.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper left", fontsize=8)
-    return _save_plot(fig, path)
+    return save_figure(fig, path)
 
 
 def guidance_stages_grid(result: dict[str, Any], path: str | Path) -> Path:

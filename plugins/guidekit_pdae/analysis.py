@@ -14,7 +14,6 @@ All run on held-out (test) images, with a fixed seed for the noise. The commands
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from torch import Tensor
 
 from guidekit import DPM, GuidekitError, ImageData, load_dataset, ops, save_image_grid
-from guidekit.checkpoint import atomic_write_bytes
 from guidekit.engine import Sampler
+from guidekit.plots import pyplot, save_figure
 from guidekit.trainer_options import parse_ints
 
 from .networks import Encoder, EncoderConfig
@@ -194,10 +193,7 @@ def plot_gap(rows: list[dict[str, Any]], path: str | Path, title: str,
              labels: Mapping[str, str] | None = None) -> Path:
     """Every model's gap against t on a log y axis: the pre-trained DPM, PDAE, and each DPM
     in a row's ``"dpms"`` (``labels``: legend text by name, else the name)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = [r["t"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -211,19 +207,7 @@ def plot_gap(rows: list[dict[str, Any]], path: str | Path, title: str,
            ylabel="E‖μ − μ̃(x_t, x_0)‖² per pixel (images in [−1, 1])", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save_figure(fig, path)
-
-
-def _save_figure(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def gap_table(rows: list[dict[str, Any]], n: int,

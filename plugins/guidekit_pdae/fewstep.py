@@ -24,9 +24,9 @@ from rich.progress import track
 from torch import Tensor
 
 from guidekit import GuidekitError, save_image_grid
+from guidekit.plots import pyplot, save_figure
 from guidekit.trainer_options import parse_ints
 
-from .analysis import _save_figure
 from .autoencoding import GRID_SCALE, ddim_sampler, decode
 from .latent import LoadedLatentDPM, check_pairing, decode_latents, sample_latents
 from .training import LoadedPDAE
@@ -156,10 +156,7 @@ def fewstep_table(result: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
 
 def plot_fewstep(result: dict[str, Any], path: str | Path) -> Path:
     """FD against the DDIM step count, one line per method, log x axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps = [r["steps"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -174,7 +171,7 @@ def plot_fewstep(result: dict[str, Any], path: str | Path) -> Path:
            title=f"Few-step generation, {result['n']} samples vs {result['n_real']} held-out")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def fewstep_grid(result: dict[str, Any], path: str | Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from guidekit.lookup import load_dataset
-from guidekit.testing import assert_one_line_error
+from guidekit.testing import assert_grid_layout, assert_one_line_error
 from PIL import Image
 
 from guidekit_inpaint import named_mask
@@ -118,8 +118,9 @@ def test_evaluate_reports_both_rows(cli, guidekit_dpm, tiny_judge: Path, tmp_pat
     for r in rows:
         assert 0 <= r["known_mse"] <= 1 and 0 <= r["fill_mse"] <= 1
         assert r["label_agreement"] in {i / 6 for i in range(7)}
-    # the grid: reference, masked, unguided and two guided rows of 6 images, 64 px each
-    assert pixels(summary["grid"]).shape[0] == 5 * 65 + 1
+    # the grid: reference, masked, unguided and two guided rows of 6 images, 64 px each, every
+    # row labelled
+    assert_grid_layout(summary["grid"], 5, 6, 65, row_labels=True)
 
 
 def sample_args(dpm: Path, *extra: object) -> list[object]:

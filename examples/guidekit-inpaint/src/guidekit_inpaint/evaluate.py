@@ -171,8 +171,12 @@ def comparison_grid(result: dict[str, Any], path: str | Path, show: int = 12) ->
     refs = result["references"][:show]
     rows = [refs, masked_view(refs, result["mask_tensor"])]
     rows += [x[:show] for x in result["samples"]]
+    labels = ["reference", "masked input"] + [
+        "unguided" if r["sigma"] is None else f"{r['guidance']} sigma={r['sigma']:g}"
+        for r in result["rows"]]
     return save_image_grid(torch.cat(rows), path, nrow=len(refs),
-                           scale=max(1, 64 // refs.shape[-1]))
+                           scale=max(1, 64 // refs.shape[-1]), row_labels=labels,
+                           title=f"Inpainting, guidance scale {result['scale']:g}")
 
 
 # short column names, so the table fits a terminal: known/filled region MSE, judge agreement
