@@ -3,10 +3,10 @@ guided-diffusion/sampling.*): DDIM-10 unguided and classifier-guided with clip_d
 one learned-range DDPM step and its classifier-shifted mean, and every command on the
 converted fixtures.
 
-Tolerances (max abs difference over max |reference|): 1e-5 for single steps, 1e-4 for the
-10-step trajectories. What limits them is float32 rounding: the reference repeats its own
-forward passes to about 1e-6, and DDIM amplifies x̂_0 errors by √(1/ᾱ_t − 1) (≈ 6 at
-t = 900) in each step.
+Tolerances (max abs difference over max |reference|): 1e-5 for single steps (x̂_0 of a
+step: 1e-5 · √(1/ᾱ_t − 1)), 1e-4 for the 10-step trajectories. What limits them is float32
+rounding: the reference repeats its own forward passes to about 1e-6, and DDIM amplifies
+x̂_0 errors by √(1/ᾱ_t − 1) (≈ 6 at t = 900) in each step.
 """
 
 from __future__ import annotations
@@ -95,7 +95,10 @@ def test_learned_range_ddpm_step_and_shifted_mean_match(converted, io):
     zero = torch.zeros_like(x)  # no noise: the step returns its mean
     mean, x0 = ops.ddpm_step(tab, x, k, eps, var, log_var, None, zero, True)
     assert rel(mean, io["p_mean"]) <= 1e-5
-    assert rel(x0, io["pred_xstart"]) <= 1e-5
+    # x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ carries ε's float32 rounding times √(1/ᾱ_t − 1) (≈ 3.4 at
+    # t = 500): the single-step bound scaled by it
+    ab = sampler.schedule.float64["alphas_cumprod"][k]
+    assert rel(x0, io["pred_xstart"]) <= 1e-5 * float((1 / ab - 1).sqrt().max())
     (term,) = _guidance(converted, io["y"])
     inp = StepInput(x_t=x, t=sampler.schedule.timesteps[k], k=k, eps=eps, x0=x0,
                     schedule=sampler.schedule, model=dpm.model)
