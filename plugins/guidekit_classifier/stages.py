@@ -81,7 +81,8 @@ def reconstruct_from(
 ) -> Tensor:
     """``repeats`` stochastic reconstructions of each x_0: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, then
     DDPM from t to 0 over at most ``steps`` of the steps 0..t (every one when t < steps).
-    Returns (repeats, n, C, H, W) in [−1, 1]; draw r of every image uses the same seed."""
+    Returns (repeats, n, C, H, W) in [−1, 1]; ``seed`` draws all the noise, so the same seed
+    gives the same draws."""
     if t < 0 or t >= dpm.schedule.num_steps:
         raise GuidekitError(f"t must be in 0..{dpm.schedule.num_steps - 1}, got {t}")
     device = next(iter(dpm.model.parameters())).device
