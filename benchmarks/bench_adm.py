@@ -136,17 +136,21 @@ VARIANTS = ("eager sdpa", "eager plain", "compiled sdpa")
 # --------------------------------------------------------------------------- building
 
 
-def build(spec: Spec) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = spec.config
-    model = UNet(cfg) if isinstance(cfg, UNetConfig) else EncoderUNet(cfg)
-    # guidekit zero-initialises residual outputs and heads, as ADM does; fill them so the
-    # outputs are not zero and the eager/plain/compiled agreement check means something.
+def fill_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """guidekit zero-initialises residual outputs and heads, as ADM does; fill them so the
+    outputs are not zero and agreement checks between variants mean something."""
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
                 p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5)
-    return model.float().eval()
+    return model
+
+
+def build(spec: Spec) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = spec.config
+    model = UNet(cfg) if isinstance(cfg, UNetConfig) else EncoderUNet(cfg)
+    return fill_zero_layers(model).float().eval()
 
 
 def make_inputs(spec: Spec, batch: int) -> tuple[torch.Tensor, ...]:

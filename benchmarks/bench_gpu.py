@@ -17,8 +17,8 @@
    (``bench_diffusers.HostReadCounter``: ``.item()``-like reads, data-dependent shapes and
    device-to-host copies).
 
-The networks have ``torch.manual_seed(0)`` weights (zero-initialised layers filled, as in
-``bench_adm.build``); throughput does not depend on the values. ``--tiny`` shrinks every
+The networks have ``torch.manual_seed(0)`` weights (zero-initialised layers filled by
+``bench_adm.fill_zero_layers``); throughput does not depend on the values. ``--tiny`` shrinks every
 shape (16 px, 32 channels, batch 4, DDIM-5) so the whole run takes a minute or two on a CPU:
 the slow test ``tests/test_bench_gpu.py`` runs it that way, so the script is known to work
 before a GPU is at hand.
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_adm import CFG_64CLF, CFG_64COND  # this folder is on sys.path as a script
-from bench_diffusers import count_syncs
+from bench_adm import CFG_64CLF, CFG_64COND, fill_zero_layers  # this folder is on sys.path
+from bench_diffusers import count_syncs, one_line
 from bench_step import machine_info
 
 from guidekit.cli.params import json_safe
@@ -83,11 +83,6 @@ TINY = Sizes(
     train_steps=2, warmup=1)
 
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:300]}"
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,14 +101,9 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 
 def build(cls: type, cfg: Any, device: torch.device) -> torch.nn.Module:
-    """``cls(cfg)`` with seed-0 weights, zero-initialised layers filled (bench_adm.build)."""
+    """``cls(cfg)`` with seed-0 weights, zero-initialised layers filled."""
     torch.manual_seed(0)
-    model = cls(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 1.0 / max(p[0].numel(), 1) ** 0.5)
-    return model.to(device)
+    return fill_zero_layers(cls(cfg)).to(device)
 
 
 def peak_flops(device: torch.device, override: float | None) -> tuple[float | None, str]:

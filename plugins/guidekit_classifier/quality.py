@@ -38,10 +38,13 @@ from .training import LoadedClassifier, predict
 __all__ = [
     "check_judge_shape",
     "density_coverage",
+    "diversity",
     "evaluate_samples",
     "feature_quality",
     "frechet_distance",
+    "held_out_images",
     "judge_features",
+    "labelled_held_out",
     "precision_recall",
     "reference_images",
     "sample_quality",
@@ -201,6 +204,21 @@ def _check_k(k: int, real: Tensor, fake: Tensor, what: str, both: bool) -> None:
                                 f"{f.shape[0]}: lower --k or give more images")
 
 
+def _in_real_balls(real: Tensor, fake: Tensor, k: int) -> Tensor:
+    """(M, N) bool: fake sample j lies in real sample i's k-NN ball."""
+    return _within(fake, real, _knn_radii(real, k))
+
+
+def _precision_recall(inside: Tensor, real: Tensor, fake: Tensor, k: int) -> dict[str, float]:
+    recall = _within(real, fake, _knn_radii(fake, k)).any(1).double().mean()
+    return {"precision": float(inside.any(1).double().mean()), "recall": float(recall)}
+
+
+def _density_coverage(inside: Tensor, k: int) -> dict[str, float]:
+    density = inside.double().sum() / (k * inside.shape[0])
+    return {"density": float(density), "coverage": float(inside.any(0).double().mean())}
+
+
 def precision_recall(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of feature sets (N, D).
 
@@ -211,9 +229,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]
     """
     real, fake = _check_pair(real, fake, 2, "precision/recall")
     _check_k(k, real, fake, "precision/recall", both=True)
-    precision = _within(fake, real, _knn_radii(real, k)).any(1).double().mean()
-    recall = _within(real, fake, _knn_radii(fake, k)).any(1).double().mean()
-    return {"precision": float(precision), "recall": float(recall)}
+    return _precision_recall(_in_real_balls(real, fake, k), real, fake, k)
 
 
 def density_coverage(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
@@ -226,19 +242,20 @@ def density_coverage(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]
     """
     real, fake = _check_pair(real, fake, 2, "density/coverage")
     _check_k(k, real, fake, "density/coverage", both=False)
-    inside = _within(fake, real, _knn_radii(real, k))  # (M, N)
-    density = inside.double().sum() / (k * fake.shape[0])
-    coverage = inside.any(0).double().mean()
-    return {"density": float(density), "coverage": float(coverage)}
+    return _density_coverage(_in_real_balls(real, fake, k), k)
 
 
 # --------------------------------------------------------------------------- images
 
 
 def feature_quality(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
-    """``{"fd", "precision", "recall", "density", "coverage"}`` of feature sets (N, D)."""
-    return {"fd": frechet_distance(real, fake), **precision_recall(real, fake, k),
-            **density_coverage(real, fake, k)}
+    """``{"fd", "precision", "recall", "density", "coverage"}`` of feature sets (N, D); the
+    real k-NN balls and which fakes they hold are found once for all four k-NN figures."""
+    real, fake = _check_pair(real, fake, 2, "sample quality")
+    _check_k(k, real, fake, "sample quality", both=True)
+    inside = _in_real_balls(real, fake, k)
+    return {"fd": frechet_distance(real, fake), **_precision_recall(inside, real, fake, k),
+            **_density_coverage(inside, k)}
 
 
 def diversity(x: Tensor, classes: Tensor) -> float:
