@@ -6,13 +6,13 @@ PDAE, ...) live under ``plugins/`` and load through entry points.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from guidekit.data import BUILTIN_DATASETS
 from guidekit.hookspecs import hookimpl
-from guidekit.schedule import NoiseSchedule
 from guidekit.specs import (
     DatasetSpec,
+    Lazy,
     ModelSpec,
     QuickstartContext,
     QuickstartStep,
@@ -20,11 +20,18 @@ from guidekit.specs import (
     TrainerSpec,
     WeightingSpec,
 )
-from guidekit.unet import UNet, UNetConfig
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    import torch
+
+    from guidekit.data import ImageData
+    from guidekit.schedule import NoiseSchedule
 
 
 def uniform_weights(schedule: NoiseSchedule) -> torch.Tensor:
     """λ_t = 1: the simple ε-loss of DDPM."""
+    import torch
+
     return torch.ones(schedule.num_steps)
 
 
@@ -35,25 +42,36 @@ def guidekit_weightings() -> list[WeightingSpec]:
 
 @hookimpl
 def guidekit_models() -> list[ModelSpec]:
-    return [ModelSpec("unet", UNetConfig, UNet, help="guided-diffusion style UNet (ε_θ).")]
+    return [ModelSpec("unet", Lazy("guidekit.unet:UNetConfig"), Lazy("guidekit.unet:UNet"),
+                      help="guided-diffusion style UNet (ε_θ).")]
+
+
+def _builtin_dataset(name: str) -> Callable[[str, int | None, int], ImageData]:
+    """``BUILTIN_DATASETS[name]`` of :mod:`guidekit.data`, imported when it loads."""
+
+    def load(split: str = "train", image_size: int | None = None, seed: int = 0) -> ImageData:
+        from guidekit.data import BUILTIN_DATASETS
+
+        return BUILTIN_DATASETS[name](split, image_size, seed)
+
+    return load
 
 
 @hookimpl
 def guidekit_datasets() -> list[DatasetSpec]:
     return [
-        DatasetSpec("digits", BUILTIN_DATASETS["digits"],
+        DatasetSpec("digits", _builtin_dataset("digits"),
                     help="scikit-learn's handwritten digits, 16×16 grey, 10 classes."),
-        DatasetSpec("shapes", BUILTIN_DATASETS["shapes"],
+        DatasetSpec("shapes", _builtin_dataset("shapes"),
                     help="procedural 32×32 RGB shapes with known factors."),
     ]
 
 
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
-    from guidekit.ddpm import DDPM_OPTIONS, ddpm_trainer
-
-    return [TrainerSpec("ddpm", ddpm_trainer, help="Train a DDPM noise predictor.",
-                        options=DDPM_OPTIONS)]
+    return [TrainerSpec("ddpm", Lazy("guidekit.ddpm:ddpm_trainer"),
+                        help="Train a DDPM noise predictor.",
+                        options=Lazy("guidekit.ddpm:DDPM_OPTIONS"))]
 
 
 def quickstart_ddpm(ctx: QuickstartContext) -> StepReport:
@@ -68,7 +86,7 @@ def quickstart_ddpm(ctx: QuickstartContext) -> StepReport:
     summary = train_ddpm(
         data, out,
         config=TrainConfig(steps=steps, seed=ctx.seed, save_every=steps,
-                           log_every=max(steps // 20, 1)),
+                           log_every=max(steps // 20, 1), bf16=ctx.bf16),
         samples=0, progress=ctx.progress,
     )
     grids = [

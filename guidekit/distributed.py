@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from guidekit.errors import GuidekitError
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    import torch
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -22,12 +23,18 @@ __all__ = [
 
 
 
+def _cpu() -> torch.device:
+    import torch
+
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=_cpu)
 
     @property
     def is_main(self) -> bool:
@@ -50,6 +57,8 @@ def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.
     """The one reading of ``--device``: ``auto`` (or None) is this rank's GPU when CUDA is
     available, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given, once
     checked. Anything else is a one-line error."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device is not None and not isinstance(device, str):
@@ -80,6 +89,9 @@ def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.
 
 def setup(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any."""
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -93,6 +105,9 @@ def setup(device: str | None = None) -> DistInfo:
 
 def agree(info: DistInfo, value: torch.Tensor) -> bool:
     """True when every rank holds the same ``value`` (a small tensor, e.g. a checksum)."""
+    import torch
+    import torch.distributed as dist
+
     if not info.enabled:
         return True
     lo, hi = value.clone(), value.clone()
@@ -102,5 +117,7 @@ def agree(info: DistInfo, value: torch.Tensor) -> bool:
 
 
 def teardown(info: DistInfo) -> None:
+    import torch.distributed as dist
+
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -135,10 +135,12 @@ def compose(
         if finite is not None:
             ok = torch.isfinite(g).all()
             finite[term.name] = ok if term.name not in finite else finite[term.name] & ok
-        scale = torch.as_tensor(term.scale, dtype=g.dtype, device=g.device)
+        # a Python number, not a device tensor: on CUDA that would be a copy and a stream
+        # sync at every step
+        scale: float | Tensor = float(term.scale)
         if term.weight is not None:
             w = term.weight.to(g.device, g.dtype)[inp.t]
-            scale = scale * w.reshape(-1, *([1] * (g.ndim - 1)))
+            scale = term.scale * w.reshape(-1, *([1] * (g.ndim - 1)))
         totals[form] = scale * g if form not in totals else totals[form] + scale * g
     return totals.get("score"), totals.get("eps")
 

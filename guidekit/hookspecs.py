@@ -9,6 +9,11 @@ A plugin is a module (or object) with functions named like the hooks below, mark
 Every registering hook returns a list of specs; names must be unique across all plugins: a
 plugin whose name is already taken is left out whole, and ``guidekit plugins`` names both. A
 hook implementation whose name matches no hook below (a typo) is reported the same way.
+
+The hooks run at every start of ``guidekit``, ``--help`` and ``guidekit plugins`` included,
+which import no torch: keep a plugin's top-level module light, and name what needs torch by
+``"module:attribute"`` with :class:`~guidekit.specs.Lazy` (any spec field but its name, help
+and order, loaded on first use) and, for commands, ``guidekit.cli.params.lazy_group``.
 """
 
 from __future__ import annotations

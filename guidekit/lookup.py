@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
-
-from guidekit.data import ImageData, check_image_size, check_split, load_image_folder
 from guidekit.errors import GuidekitError, PluginError
 from guidekit.options import resolve_options
 from guidekit.plugins import get_registry
-from guidekit.schedule import NoiseSchedule
 from guidekit.specs import GuidanceSpec, QuickstartStep
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    from torch import Tensor, nn
+
+    from guidekit.data import ImageData
+    from guidekit.schedule import NoiseSchedule
 
 __all__ = [
     "build_model",
@@ -68,6 +69,8 @@ def load_dataset(
     Registered names win over a folder of the same name. Folders have no train/test split:
     either split loads the whole folder (default image_size 32, RGB).
     """
+    from guidekit.data import ImageData, check_image_size, check_split, load_image_folder
+
     check_split(split)
     registry = get_registry()
     name = str(name_or_path)
@@ -111,7 +114,8 @@ def model_builder(entry: dict[str, Any]) -> Callable[[], nn.Module]:
     name = entry["name"]
     spec = get_registry().model(name)
     config = spec.config_class.from_dict(entry["config"])
-    return lambda: plugin_call("model", name, spec.model_class, config)
+    model_class = spec.model_class  # a Lazy one imports now, too
+    return lambda: plugin_call("model", name, model_class, config)
 
 
 def weighting_options(name: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -125,10 +129,12 @@ def weighting_table(
 ) -> Tensor:
     """λ_t for every training step from the weighting plugin ``name``: (T,) float32, finite,
     ≥ 0 and not all zero."""
+    import torch
+
     spec = get_registry().weighting(name)
     values = weighting_options(name, options)
     weights = plugin_call("weighting", name, spec.weights, schedule, **values)
-    if not isinstance(weights, Tensor):
+    if not isinstance(weights, torch.Tensor):
         raise PluginError(f"weighting '{name}' returned {type(weights).__name__}, not a tensor")
     weights = weights.detach().to("cpu", torch.float32)
     if weights.shape != (schedule.num_steps,) or not bool(torch.isfinite(weights).all()):

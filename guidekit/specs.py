@@ -9,27 +9,31 @@ malformed one fails inside the plugin that made it, naming the field.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
-
-from guidekit.guidance import class_labels
+from guidekit.errors import PluginError
 from guidekit.options import Option
-from guidekit.schedule import NoiseSchedule
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    import torch
+    from torch import Tensor, nn
+
     from guidekit.data import ImageData
     from guidekit.guidance import Guidance
+    from guidekit.schedule import NoiseSchedule
 
 __all__ = [
+    "Claim",
     "DatasetSpec",
     "GuidanceContext",
     "GuidanceSpec",
+    "Lazy",
     "ModelSpec",
     "QuickstartContext",
     "QuickstartStep",
@@ -60,6 +64,8 @@ class GuidanceContext:
         ``--class-per-row``, checked against ``num_classes`` (what ``what`` knows): for
         guidances that steer toward a class. The same labels condition a class-conditional
         DPM."""
+        from guidekit.guidance import class_labels
+
         labels = class_labels(self.num_samples, num_classes, self.classes, self.class_per_row,
                               what)
         return labels.to(self.device)
@@ -74,8 +80,13 @@ class GuidanceSpec:
     help: str = ""
     options: Sequence[Option] = ()
 
+    _functions = ("build",)
+
     def __post_init__(self) -> None:
-        _check(self, "build")
+        _check(self)
+
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,13 @@ class WeightingSpec:
     help: str = ""
     options: Sequence[Option] = ()
 
+    _functions = ("weights",)
+
     def __post_init__(self) -> None:
-        _check(self, "weights")
+        _check(self)
+
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
 
 
 @dataclass
@@ -114,10 +130,13 @@ class TrainerSpec:
     help: str = ""
     options: Sequence[Option] = ()
 
+    _functions = ("train",)
+
     def __post_init__(self) -> None:
-        _check(self, "train")
-        if "json" in {o.name for o in self.options}:
-            raise TypeError(f"trainer '{self.name}': guidekit adds --json itself")
+        _check(self)
+
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
 
 
 @dataclass(frozen=True)
@@ -129,13 +148,13 @@ class ModelSpec:
     model_class: type
     help: str = ""
 
+    _functions = ()
+
     def __post_init__(self) -> None:
         _check(self)
-        for attr in ("config_class", "model_class"):
-            if not isinstance(getattr(self, attr), type):
-                raise TypeError(f"model '{self.name}': {attr} must be a class")
-        if not callable(getattr(self.config_class, "from_dict", None)):
-            raise TypeError(f"model '{self.name}': config_class needs a from_dict classmethod")
+
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
 
 
 @dataclass(frozen=True)
@@ -146,21 +165,40 @@ class DatasetSpec:
     load: Callable[[str, int | None, int], ImageData]
     help: str = ""
 
+    _functions = ("load",)
+
     def __post_init__(self) -> None:
-        _check(self, "load")
+        _check(self)
+
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim a quickstart report makes, checked on the run's own figures: what is
+    claimed, whether it held, and the figures it rests on (one line, for the report)."""
+
+    claim: str
+    holds: bool
+    evidence: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"claim": self.claim, "holds": self.holds, "evidence": self.evidence}
 
 
 @dataclass
 class StepReport:
     """What a quickstart step or a trainer reports: a title, PNGs (grids, plots), tables
-    (rows of plain values) and figures (``metrics``, plain JSON values: what ``--json``
-    prints)."""
+    (rows of plain values), figures (``metrics``, plain JSON values: what ``--json``
+    prints) and, for a quickstart step, the claims its figures are checked against."""
 
     title: str
     images: list[Path] = field(default_factory=list)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    claims: list[Claim] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +210,8 @@ class QuickstartContext:
     fast: bool  # tiny settings for smoke tests
     progress: bool
     results: dict[str, StepReport] = field(default_factory=dict)  # by step name
+    # bf16 autocast for the training steps: on where the hardware computes bf16 natively
+    bf16: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,33 +223,110 @@ class QuickstartStep:
     order: int = 100
     help: str = ""
 
+    _functions = ("run",)
+
     def __post_init__(self) -> None:
-        _check(self, "run")
+        _check(self)
         if isinstance(self.order, bool) or not isinstance(self.order, int):
             raise TypeError(f"quickstart step '{self.name}': order must be an int")
 
+    def __getattribute__(self, attr: str) -> Any:
+        return _read(self, attr)
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A spec field named by ``"module:attribute"`` and imported when first read, so a
+    plugin registers names, help and options without importing what runs them (torch, its
+    networks): ``guidekit --help`` and ``guidekit plugins`` stay fast. Any field but
+    ``name``, ``help`` and ``order`` may be one::
+
+        TrainerSpec("ddpm", Lazy("guidekit.ddpm:ddpm_trainer"), help="Train a DDPM.",
+                    options=Lazy("guidekit.ddpm:DDPM_OPTIONS"))
+
+    The loaded value is checked as one given directly would be; a target that fails to
+    import or load, or a value of the wrong kind, is a one-line
+    :class:`~guidekit.errors.PluginError` naming the spec, the field and the target."""
+
+    target: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not _TARGET.match(self.target):
+            raise TypeError(f"Lazy target must be 'module:attribute' (dots allowed in both), "
+                            f"got {self.target!r}")
+
+    def load(self) -> Any:
+        """The value the target names, its module imported now."""
+        module, _, path = self.target.partition(":")
+        value: Any = importlib.import_module(module)
+        for attr in path.split("."):
+            value = getattr(value, attr)
+        return value
+
 
 _SPEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*\Z")
+_EAGER = ("name", "help", "order")  # what the registry and --help read without loading
 
 
-def _check(spec: Any, *functions: str) -> None:
-    """The fields every spec shares: a CLI-safe name, callables, a help string, options."""
+def _check(spec: Any) -> None:
+    """The fields every spec shares: a CLI-safe name, callables, a help string, options; a
+    :class:`Lazy` field is checked when first read (:func:`_read`)."""
     what = type(spec).__name__
     if not isinstance(spec.name, str) or not _SPEC_NAME.match(spec.name):
         raise TypeError(f"{what} name must be a non-empty string of letters, digits, '-', '_' "
                         f"or '.', got {spec.name!r}")
-    for attr in functions:
-        if not callable(getattr(spec, attr)):
-            raise TypeError(f"{what} '{spec.name}': {attr} must be callable, got "
-                            f"{type(getattr(spec, attr)).__name__}")
-    if not isinstance(spec.help, str):
-        raise TypeError(f"{what} '{spec.name}': help must be a string")
-    options = getattr(spec, "options", ())
-    if isinstance(options, (str, bytes)) or not all(isinstance(o, Option) for o in options):
-        raise TypeError(f"{what} '{spec.name}': options must be a list of guidekit Option "
-                        "declarations")
-    names = [o.name for o in options]
-    if len(names) != len(set(names)):
-        raise TypeError(f"{what} '{spec.name}': an option name is declared twice")
-    if hasattr(spec, "options"):
-        object.__setattr__(spec, "options", tuple(options))
+    for f in dataclasses.fields(spec):
+        value = spec.__dict__[f.name]
+        if f.name == "help" and not isinstance(value, str):
+            raise TypeError(f"{what} '{spec.name}': help must be a string")
+        if f.name not in _EAGER and not isinstance(value, Lazy):
+            object.__setattr__(spec, f.name, _checked(spec, f.name, value))
+
+
+def _checked(spec: Any, attr: str, value: Any) -> Any:
+    """``value`` for field ``attr`` of ``spec`` once checked (options as a tuple), or a
+    TypeError naming the field."""
+    what = f"{type(spec).__name__} '{spec.name}'"
+    if attr in spec._functions and not callable(value):
+        raise TypeError(f"{what}: {attr} must be callable, got {type(value).__name__}")
+    if attr == "options":
+        wrong = f"{what}: options must be a list of guidekit Option declarations"
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise TypeError(wrong)
+        options = tuple(value)
+        if not all(isinstance(o, Option) for o in options):
+            raise TypeError(wrong)
+        names = [o.name for o in options]
+        if len(names) != len(set(names)):
+            raise TypeError(f"{what}: an option name is declared twice")
+        if isinstance(spec, TrainerSpec) and "json" in names:
+            raise TypeError(f"trainer '{spec.name}': guidekit adds --json itself")
+        return options
+    if attr in ("config_class", "model_class"):
+        if not isinstance(value, type):
+            raise TypeError(f"model '{spec.name}': {attr} must be a class")
+        if attr == "config_class" and not callable(getattr(value, "from_dict", None)):
+            raise TypeError(f"model '{spec.name}': config_class needs a from_dict classmethod")
+    return value
+
+
+def _read(spec: Any, attr: str) -> Any:
+    """A spec's attribute (its ``__getattribute__``): a :class:`Lazy` field is loaded and
+    checked on first read, then kept."""
+    value = object.__getattribute__(spec, attr)
+    if not isinstance(value, Lazy):
+        return value
+    bug = "the plugin has a bug: report it to its authors or uninstall it"
+    try:
+        loaded = value.load()
+    except (Exception, SystemExit) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise PluginError(f"{type(spec).__name__} '{spec.name}': {attr} ({value.target}) "
+                          f"failed to load: {reason}; {bug}") from None
+    try:
+        loaded = _checked(spec, attr, loaded)
+    except TypeError as exc:
+        raise PluginError(f"{exc} (loaded from {value.target}); {bug}") from None
+    object.__setattr__(spec, attr, loaded)
+    return loaded

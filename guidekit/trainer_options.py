@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guidekit.errors import GuidekitError
 from guidekit.options import Option
-from guidekit.training import TrainConfig
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    from guidekit.training import TrainConfig
 
 __all__ = [
     "DATA",
@@ -26,27 +28,27 @@ __all__ = [
     "unet_options",
 ]
 
-_DEFAULTS = TrainConfig()
-
 DATA = Option("data", str, "digits", "Dataset name or a folder of images.")
 IMAGE_SIZE = Option("image_size", int, None, "Resize images (default: the dataset's size).")
 WEIGHTING = Option("weighting", str, "uniform",
                    "Loss weighting plugin (`guidekit plugins` lists them); its options follow.")
 
+# The defaults are TrainConfig's, written out so that declaring these options (every train
+# command's --help) needs no torch; tests/test_cli_startup.py holds them equal.
 _TRAIN: tuple[Option, ...] = (
-    Option("steps", int, _DEFAULTS.steps, "Optimisation steps."),
-    Option("batch_size", int, _DEFAULTS.batch_size, "Global batch size (split across processes)."),
-    Option("lr", float, _DEFAULTS.lr, "AdamW learning rate."),
-    Option("weight_decay", float, _DEFAULTS.weight_decay, "AdamW weight decay."),
-    Option("ema_decay", float, _DEFAULTS.ema_decay, "EMA decay of the weights kept for use."),
-    Option("grad_clip", float, _DEFAULTS.grad_clip, "Gradient-norm clip."),
-    Option("seed", int, _DEFAULTS.seed, "Seed of every random stream."),
+    Option("steps", int, 2000, "Optimisation steps."),
+    Option("batch_size", int, 32, "Global batch size (split across processes)."),
+    Option("lr", float, 1e-3, "AdamW learning rate."),
+    Option("weight_decay", float, 0.0, "AdamW weight decay."),
+    Option("ema_decay", float, 0.995, "EMA decay of the weights kept for use."),
+    Option("grad_clip", float, 1.0, "Gradient-norm clip."),
+    Option("seed", int, 0, "Seed of every random stream."),
     Option("bf16", bool, False, "bf16 autocast."),
     Option("compile", bool, False, "torch.compile the trained networks."),
     Option("device", str, "auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)."),
     Option("resume", bool, False, "Continue the checkpoint in --out."),
-    Option("save_every", int, _DEFAULTS.save_every, "Steps between checkpoints."),
-    Option("log_every", int, _DEFAULTS.log_every, "Steps between metric lines."),
+    Option("save_every", int, 500, "Steps between checkpoints."),
+    Option("log_every", int, 50, "Steps between metric lines."),
 )
 
 _UNET: tuple[Option, ...] = (
@@ -57,8 +59,6 @@ _UNET: tuple[Option, ...] = (
     Option("num_heads", int, 4, "Attention heads."),
     Option("dropout", float, 0.0, "Dropout in residual blocks."),
 )
-
-_CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 
 def _with_defaults(options: tuple[Option, ...], defaults: dict[str, Any]) -> list[Option]:
@@ -87,7 +87,10 @@ def out_option(default: str | Path) -> Option:
 def train_config(options: dict[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` of a trainer's option values (keys it does not know are
     ignored: they are the trainer's own options)."""
-    return TrainConfig(**{k: v for k, v in options.items() if k in _CONFIG_FIELDS})
+    from guidekit.training import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in options.items() if k in names})
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:

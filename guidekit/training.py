@@ -50,6 +50,8 @@ __all__ = [
     "ema_decay_at",
     "ema_update",
     "fit",
+    "make_adamw",
+    "native_bf16",
 ]
 
 
@@ -101,7 +103,8 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What a trainer supplies to :func:`fit`."""
+    """What a trainer supplies to :func:`fit`. A task with frozen networks in its loss may
+    also define ``compile_frozen()``, which ``compile=True`` calls to compile them."""
 
     kind: str  # the checkpoint kind ("ddpm", "classifier", ...)
 
@@ -188,6 +191,24 @@ def ema_decay_at(decay: float, n_averaged: int) -> float:
     return min(decay, (1 + n_averaged) / (10 + n_averaged))
 
 
+def make_adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where torch has one for these tensors (float
+    parameters on CPU or CUDA): the per-tensor loop costs ~8 ms a step on a 1.4M-parameter
+    UNet on two CPU cores. Its state is the same, so checkpoints and resumes don't change."""
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (a CUDA GPU with bf16, a CPU with AMX), so
+    bf16 autocast speeds training up rather than emulating bf16 in float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities"):
+        return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+    return False
+
+
 def ema_update(decay: float):
     """``multi_avg_fn`` for :class:`AveragedModel`: ema ← ema + (1−d)(param − ema)."""
 
@@ -246,7 +267,7 @@ def _fit(task: Task, data: ImageData, out: Path, cfg: TrainConfig,
         for k, m in nets.items()
     }
     params = [p for m in nets.values() for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_adamw(params, cfg.lr, cfg.weight_decay)
     config = {**task.config(), "kind": task.kind, "train": asdict(cfg)}
 
     start = 0
@@ -264,11 +285,16 @@ def _fit(task: Task, data: ImageData, out: Path, cfg: TrainConfig,
     }
     if cfg.compile:
         run_nets = {k: torch.compile(m) for k, m in run_nets.items()}
+        compile_frozen = getattr(task, "compile_frozen", None)
+        if compile_frozen is not None:  # a task's frozen networks (PDAE's ε_θ) compile too
+            compile_frozen()
     images = data.images
     labels = data.labels
     local_b = cfg.batch_size // info.world_size
     flag = torch.zeros((), device=info.device)  # set when a loss is not finite; read at log time
     history: list[dict[str, float]] = []
+    for m in run_nets.values():  # once: a module tree walk per step costs ~2 ms at this size
+        m.train()
     t0 = time.perf_counter()
     loss_value = float("nan")
     last_log_t, last_log_step = t0, start
@@ -293,8 +319,6 @@ def _fit(task: Task, data: ImageData, out: Path, cfg: TrainConfig,
                 gen = torch.Generator(info.device).manual_seed(
                     _mix(cfg.seed, info.rank, step, 1))
                 torch.manual_seed(_mix(cfg.seed, info.rank, step, 2))  # dropout and the like
-                for m in run_nets.values():
-                    m.train()
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = task.loss(run_nets, x0, y, gen)
                 opt.zero_grad(set_to_none=True)

@@ -183,13 +183,21 @@ def test_quickstart_step_fast(models, tmp_path):
         shutil.copytree(models[name], tmp_path / name)
     report = quickstart_guidance(QuickstartContext(out=tmp_path, seed=0, fast=True,
                                                    progress=False))
-    assert len(report.tables) == 2
-    for rows in report.tables.values():
-        assert len(rows) == 1 and 0 <= rows[0]["accuracy"] <= 1
+    sweeps, (title, unguided) = list(report.tables.values())[:2], list(report.tables.items())[2]
+    for rows in sweeps:
+        assert [r["scale"] for r in rows] == [0.0, 8.0]
+        assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert title.startswith("unguided samples against held-out digits")
+    assert [r["images"] for r in unguided] == ["DDIM-4", "DDPM-4", "training digits",
+                                               "shuffled digits"]
     assert [p.name for p in report.images] == ["guidance_sweep.png", "guided_ddim.png",
                                                "guided_ddpm.png"]
     assert all(p.is_file() and p.parent == tmp_path / "classifier" for p in report.images)
     assert {"ddim_best_accuracy", "ddpm_best_accuracy", "seconds"} <= set(report.metrics)
+    digits, guided = report.claims
+    assert "look like digits" in digits.claim and "DDIM-4" in digits.evidence
+    best = [max(r["accuracy"] for r in rows) for rows in sweeps]
+    assert guided.holds == all(a >= 0.9 for a in best)
 
 
 @pytest.mark.slow
@@ -199,5 +207,8 @@ def test_quickstart_fast_end_to_end(tmp_path):
 
     summary = run_quickstart(tmp_path, fast=True, progress=False)
     step = summary["steps"]["guidance"]
-    assert len(step["tables"]) == 2 and len(step["images"]) == 3
+    assert len(step["tables"]) == 3 and len(step["images"]) == 3
+    # every step with figures to check reports its claims; --fast is not expected to pass them
+    assert {c["step"] for c in summary["claims"]} == {"guidance", "pdae", "pdae-autoencoding"}
+    assert summary["claims_hold"] == all(c["holds"] for c in summary["claims"])
     assert "Guidance scale sweep" in (tmp_path / "report.html").read_text()

@@ -134,3 +134,22 @@ def test_quickstart_fast(tmp_path, capsys):
     assert (tmp_path / "q" / "ddpm" / "samples_ddim.png").exists()
     assert "data:image/png;base64" in (tmp_path / "q" / "report.html").read_text()
     assert summary["steps"]["ddpm"]["metrics"]["steps"] == 30
+
+
+@pytest.mark.slow
+def test_quickstart_fast_fp32_prints_its_claims(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "quickstart", "--out", str(tmp_path / "q"), "--fast",
+                           "--fp32")
+    assert code == 0
+    summary = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert summary["bf16"] is False
+    for step in ("ddpm", "pdae", "pdae_latent"):
+        cfg = json.loads((tmp_path / "q" / step / "config.json").read_text())
+        assert cfg["train"]["bf16"] is False
+    lines = out.splitlines()[-(2 + len(summary["claims"])):]  # after the progress bars
+    held = sum(c["holds"] for c in summary["claims"])
+    claims = next(i for i, line in enumerate(lines) if line.startswith("claims: "))
+    assert lines[claims].startswith(f"claims: {held} of {len(summary['claims'])} hold")
+    assert sum(line.startswith("  did not hold: ") for line in lines) == (
+        len(summary["claims"]) - held)
+    assert lines[-1] == f"report: {tmp_path / 'q' / 'report.html'}"

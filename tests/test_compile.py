@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,3 +62,36 @@ def test_compiled_training_runs(tmp_path):
 
     out = make_tiny_dpm(tmp_path / "c", steps=2, compile=True)
     assert (out / "config.json").exists()
+
+
+def test_compiled_pdae_training_compiles_the_frozen_dpm_and_matches_eager(guidekit_dpm,
+                                                                        tmp_path):
+    """--compile compiles PDAE's frozen ε_θ as well as what trains, and its first loss (the
+    same weights and batch: only the compiled forward differs) agrees with eager's."""
+    from guidekit_pdae.training import PDAETask, load_pdae, train_pdae
+
+    from guidekit.lookup import load_dataset
+    from guidekit.training import TrainConfig
+
+    data = load_dataset("digits", "train")
+    compiled: list[PDAETask] = []
+    original = PDAETask.compile_frozen
+
+    def spy(self: PDAETask) -> None:
+        compiled.append(self)
+        original(self)
+
+    PDAETask.compile_frozen = spy  # type: ignore[method-assign]
+    try:
+        for name, flag in (("eager", False), ("compiled", True)):
+            train_pdae(data, tmp_path / name, pretrained=guidekit_dpm, progress=False,
+                       config=TrainConfig(steps=2, batch_size=8, save_every=2, log_every=1,
+                                          compile=flag))
+    finally:
+        PDAETask.compile_frozen = original  # type: ignore[method-assign]
+    assert len(compiled) == 1 and compiled[0]._frozen is not compiled[0]._frozen_forward
+    eager, comp = (json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])
+                   for n in ("eager", "compiled"))
+    assert eager["step"] == comp["step"] == 1
+    assert comp["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert load_pdae(tmp_path / "compiled").config["train"]["compile"] is True

@@ -44,6 +44,10 @@ def test_pdae_steps_fast(guidekit_dpm, tmp_path):
     assert [r["t"] for r in gap] == [1, 50, 99]  # the tiny DPM has T = 100
     assert all(r["pretrained"] > 0 for r in gap)
     assert [p.name for p in trained.images] == ["gap.png", "onestep.png"]
+    assert [c.claim.split(":")[0] for c in trained.claims] == [
+        "PDAE fills the posterior mean gap", "PDAE's one-step x̂_0 is nearer x_0 than the "
+        "pre-trained DPM's at every t shown"]
+    assert "t from 5 to 80" in trained.claims[0].claim  # T = 100
 
     auto = quickstart_autoencoding(ctx)
     assert [p.name for p in auto.images] == ["reconstruct.png", "interpolate.png",
@@ -53,6 +57,8 @@ def test_pdae_steps_fast(guidekit_dpm, tmp_path):
                                           "PDAE (random x_T)", "DDIM (random x_T)"}
     probe = auto.tables["linear probe, held-out accuracy"]
     assert probe[0]["target"] == "label" and 0 <= probe[0]["pdae"] <= 1
+    assert [c.claim.split(" ")[0:2] for c in auto.claims] == [
+        ["PDAE", "reconstructs"], ["Moving", "z"], ["z", "holds"]]
 
     sampled = quickstart_sample(ctx)
     assert (tmp_path / "pdae_latent" / "config.json").is_file()
@@ -72,4 +78,5 @@ def test_autoencoding_without_a_judge_skips_the_edit(guidekit_dpm, tmp_path):
     quickstart_pdae(ctx)
     auto = quickstart_autoencoding(ctx)
     assert [p.name for p in auto.images] == ["reconstruct.png", "interpolate.png"]
+    assert not any("Moving z" in c.claim for c in auto.claims)
     assert not any(title.startswith("editing") for title in auto.tables)

@@ -396,3 +396,24 @@ def test_a_stop_before_the_first_step_keeps_its_exit_status(tmp_path):
                        "was written") as exc:
         fit(_StopBeforeTraining(1), load_dataset("digits"), tmp_path / "x", cfg, progress=False)
     assert exc.value.exit_code == 143
+
+
+def test_native_bf16_follows_the_hardware():
+    from guidekit.training import native_bf16
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    assert native_bf16(torch.device("cpu")) is bool(caps.get("amx_bf16", False))
+    assert native_bf16(torch.device("meta")) is False
+
+
+def test_adamw_is_fused_on_cpu_and_resumes_its_state():
+    from guidekit.training import make_adamw
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_adamw([p], 1e-2, 0.0)
+    assert opt.defaults["fused"] is True
+    p.grad = torch.full((3,), 0.5)
+    opt.step()
+    again = make_adamw([p], 1e-2, 0.0)
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])

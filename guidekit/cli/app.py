@@ -7,7 +7,7 @@ import contextlib
 import errno
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -15,6 +15,7 @@ from rich.text import Text
 
 from guidekit import __version__
 from guidekit.cli.convert import register as register_convert
+from guidekit.cli.lazy import LazyCommands, epilog_command_class, lazy_group_class
 from guidekit.cli.params import (
     EXTRA_ARGS,
     Classes,
@@ -37,9 +38,9 @@ from guidekit.cli.params import (
     requests_from_cli,
 )
 from guidekit.cli.params import trainer_command as make_trainer_command
-from guidekit.errors import GuidekitError
+from guidekit.errors import GuidekitError, PluginError
 from guidekit.options import check_seed, describe_options
-from guidekit.plugins import CORE_NAME, get_manager, get_registry
+from guidekit.plugins import CORE_NAME, Registry, get_manager, get_registry
 
 err = plain_console(stderr=True)
 CORE_COMMANDS = ("train", "sample", "plugins", "quickstart", "convert")
@@ -145,28 +146,50 @@ def quickstart_command(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and grids go."),
     fast: bool = typer.Option(False, help="Tiny settings (a smoke test, not a result)."),
     seed: int = typer.Option(0, help="Seed of every step."),
+    bf16: Optional[bool] = typer.Option(  # noqa: UP045 -- typer reads the annotation
+        None, "--bf16/--fp32",
+        help="Train the DDPM, PDAE and the latent DPM in bf16 autocast, or in float32. "
+        "Default: bf16 where the device computes it natively (a CPU with AMX, a GPU with "
+        "bf16)."),
     json_out: JSONOut = False,
 ) -> None:
     """Train everything on the built-in digits and write grids, tables and report.html."""
+    import os
+
     from guidekit.data import check_output_dir
     from guidekit.quickstart import run_quickstart
 
     seed = check_seed(seed)
     check_output_dir(out, "--out")
-    summary = run_quickstart(out, fast=fast, seed=seed, progress=not json_out)
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores / 2 and "OMP_NUM_THREADS" not in os.environ:
+        # torch's threads wait at every op for one the other job has descheduled
+        typer.echo(f"note: the machine is busy (1-minute load {load:.1f} on {cores} cores); "
+                   "OMP_NUM_THREADS=1 runs faster beside other jobs", err=True)
+    summary = run_quickstart(out, fast=fast, seed=seed, progress=not json_out, bf16=bf16)
     if json_out:
         echo_json(summary, indent=2)
-    else:
-        typer.echo(f"report: {summary['report']}")
+        return
+    failed = [c for c in summary["claims"] if not c["holds"]]
+    typer.echo(f"claims: {len(summary['claims']) - len(failed)} of {len(summary['claims'])} "
+               "hold" + (" (--fast: not expected to)" if fast and failed else ""))
+    for c in failed:
+        typer.echo(f"  did not hold: {c['claim']} ({c['evidence']})")
+    typer.echo(f"report: {summary['report']}")
 
 
 def plugin_options_help(kind: str, specs: dict) -> str | None:
-    """A help epilog listing each plugin's extra options (they follow --{kind} NAME)."""
-    blocks = [
-        f"{kind} {name}: " + "; ".join(describe_options(spec.options).splitlines())
-        for name, spec in sorted(specs.items())
-        if spec.options
-    ]
+    """A help epilog listing each plugin's extra options (they follow --{kind} NAME); a
+    plugin whose options fail to load (a broken ``Lazy``) says so in its block."""
+    blocks = []
+    for name, spec in sorted(specs.items()):
+        try:
+            options = spec.options
+        except PluginError as exc:
+            blocks.append(f"{kind} {name}: {_one_line(str(exc))}")
+            continue
+        if options:
+            blocks.append(f"{kind} {name}: " + "; ".join(describe_options(options).splitlines()))
     return "\n\n".join(blocks) or None
 
 
@@ -215,6 +238,30 @@ def _add_plugin_commands(app: typer.Typer) -> None:
         app.registered_groups.extend(own.registered_groups)
 
 
+def _trainer_command(reg: Registry, name: str) -> Any:
+    """The click command of ``guidekit train NAME``, built as typer builds a group's. A
+    trainer whose options fail to load (a broken ``Lazy``) is still listed: running it says
+    why in one line, and the other trainers work."""
+    spec = reg.specs["trainer"][name]
+    one = typer.Typer()
+    try:
+        takes_weighting = any(o.name == "weighting" for o in spec.options)
+        command = make_trainer_command(spec, lambda w: reg.weighting(w).options)
+    except PluginError as exc:
+        error = exc
+
+        def command(ctx: typer.Context) -> None:
+            raise error
+
+        one.command(name, help=spec.help, context_settings=EXTRA_ARGS,
+                    add_help_option=False)(command)
+    else:
+        one.command(name, help=spec.help, context_settings=EXTRA_ARGS,
+                    epilog=plugin_options_help("weighting", reg.specs["weighting"])
+                    if takes_weighting else None)(command)
+    return typer.main.get_group(one).commands[name]
+
+
 def build_app() -> typer.Typer:
     """The CLI with every registered trainer and plugin command."""
     app = typer.Typer(
@@ -222,16 +269,16 @@ def build_app() -> typer.Typer:
         no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
     )
     reg = get_registry()
-    train = typer.Typer(help="Train a model: `guidekit train NAME --help`.", no_args_is_help=True)
-    weighting_help = plugin_options_help("weighting", reg.specs["weighting"])
-    for name, spec in sorted(reg.specs["trainer"].items()):
-        takes_weighting = any(o.name == "weighting" for o in spec.options)
-        command = make_trainer_command(spec, lambda w: reg.weighting(w).options)
-        train.command(name, help=spec.help, context_settings=EXTRA_ARGS,
-                      epilog=weighting_help if takes_weighting else None)(command)
+    # A trainer's command, and the plugin options in the help of `sample` and the trainers,
+    # are built when that command runs or shows its help: a spec's options may be Lazy (beside
+    # torch code), and `guidekit --help` must not load them.
+    trainers = lazy_group_class(lambda _: LazyCommands(
+        lambda: sorted(reg.specs["trainer"]), lambda name: _trainer_command(reg, name)))
+    train = typer.Typer(cls=trainers, help="Train a model: `guidekit train NAME --help`.",
+                        no_args_is_help=True)
     app.add_typer(train, name="train")
-    app.command("sample", context_settings=EXTRA_ARGS,
-                epilog=plugin_options_help("guidance", reg.specs["guidance"]))(sample_command)
+    app.command("sample", context_settings=EXTRA_ARGS, cls=epilog_command_class(
+        lambda: plugin_options_help("guidance", reg.specs["guidance"])))(sample_command)
     app.command("plugins")(plugins_command)
     app.command("quickstart")(quickstart_command)
     register_convert(app)

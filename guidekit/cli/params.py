@@ -1,7 +1,8 @@
 """What CLI commands share, the core's and plugins': the ``--device`` and ``--json``
 parameters, guidekit :class:`~guidekit.options.Option` declarations turned into typer
-parameters, trainer commands, guidance requests from the command line, scale lists, and
-printing a result once, as valid JSON or as literal text.
+parameters, trainer commands, guidance requests from the command line, scale lists,
+printing a result once, as valid JSON or as literal text, and command groups that load
+their module on first use (:func:`lazy_group`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
+from guidekit.cli.lazy import LazyCommands, lazy_group_class
 from guidekit.distributed import DEFAULT_DEVICE, is_main_process
-from guidekit.errors import GuidekitError
+from guidekit.errors import GuidekitError, PluginError
 from guidekit.options import Option, parse_option_args, resolve_options
-from guidekit.specs import StepReport, TrainerContext, TrainerSpec
+from guidekit.specs import Lazy, StepReport, TrainerContext, TrainerSpec
 
 __all__ = [
     "DEFAULT_DEVICE",
@@ -44,6 +46,7 @@ __all__ = [
     "Variance",
     "echo_json",
     "json_safe",
+    "lazy_group",
     "parse_scales",
     "plain_console",
     "report",
@@ -256,3 +259,35 @@ def parse_scales(text: str, flag: str = "--scales") -> list[float]:
         raise GuidekitError(f"{flag} must be comma-separated finite numbers like 0,1,2,4, "
                             f"got '{text}'")
     return values
+
+
+def lazy_group(target: str, help: str) -> typer.Typer:
+    """A command group for ``cli.add_typer(lazy_group(...), name=NAME)`` in a plugin's
+    ``guidekit_commands``, whose commands are those of the ``typer.Typer`` at ``target``
+    (``"module:attribute"``), imported only when the group runs or lists its commands.
+    ``guidekit --help`` shows NAME with ``help`` without importing that module, so a command
+    module that needs torch to declare its options keeps the CLI's start fast.
+
+    The group is ``help`` with the target's commands and groups: the target's own help,
+    callback and settings are not used (a bare ``guidekit NAME`` prints the group's help).
+    A target that fails to load is a one-line :class:`~guidekit.errors.PluginError`.
+    """
+    ref = Lazy(target)  # a malformed target fails here, in the plugin's hook
+
+    def commands(name: str) -> LazyCommands:
+        loaded: list[Any] = []
+
+        def group() -> Any:
+            if not loaded:
+                try:
+                    loaded.append(typer.main.get_group(ref.load()))
+                except (Exception, SystemExit) as exc:
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    raise PluginError(
+                        f"the '{name}' commands ({target}) failed to load: {reason}; the "
+                        "plugin has a bug: report it to its authors or uninstall it") from None
+            return loaded[0]
+
+        return LazyCommands(lambda: list(group().commands), lambda n: group().commands[n])
+
+    return typer.Typer(cls=lazy_group_class(commands), help=help, no_args_is_help=True)

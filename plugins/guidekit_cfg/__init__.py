@@ -24,13 +24,16 @@ classes=[7])``, or :class:`ClassifierFreeGuidance` in a ``guidekit.GuidanceTerm`
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from guidekit import ops
 from guidekit.errors import GuidekitError
-from guidekit.guidance import StepInput
 from guidekit.hookspecs import hookimpl
 from guidekit.specs import GuidanceContext, GuidanceSpec
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    from torch import Tensor
+
+    from guidekit.guidance import StepInput
 
 __version__ = "0.1.0"
 
@@ -55,6 +58,8 @@ class ClassifierFreeGuidance:
         if inp.label_eps is None:
             raise GuidekitError("classifier-free guidance needs ε at its labels: run it in a "
                                 "guidekit Sampler, which evaluates them")
+        from guidekit import ops
+
         s1m = ops.at(inp.schedule.tables["sqrt_one_minus_alphas_cumprod"], inp.k, inp.x_t)
         return -(inp.label_eps - inp.eps) / s1m
 

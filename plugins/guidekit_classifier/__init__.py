@@ -24,44 +24,25 @@ options={"classifier": "runs/clf"}), classes=[3])``, or :class:`ClassifierGuidan
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from guidekit import trainer_options as opt
-from guidekit.data import save_image_grid
 from guidekit.errors import GuidekitError
 from guidekit.hookspecs import hookimpl
 from guidekit.lookup import load_dataset
 from guidekit.options import Option
-from guidekit.schedule import ScheduleConfig
 from guidekit.specs import (
     GuidanceSpec,
+    Lazy,
     ModelSpec,
     QuickstartContext,
     QuickstartStep,
     StepReport,
     TrainerContext,
     TrainerSpec,
-)
-from guidekit.training import TrainConfig
-from guidekit.unet import ClassifierConfig, EncoderUNet
-
-from .guidance import ClassifierGuidance, build_classifier_guidance, guidance_options
-from .training import (
-    JUDGE_KIND,
-    KIND,
-    MODEL_NAME,
-    LoadedClassifier,
-    accuracy_by_t,
-    default_config,
-    judge_accuracy,
-    load_classifier,
-    predict,
-    train_classifier,
-    train_judge,
 )
 
 __version__ = "0.1.0"
@@ -91,16 +72,32 @@ __all__ = [
     "train_judge",
 ]
 
-# Imported on first use, as the ``eval`` commands are: a broken evaluate module must not stop
-# the plugin from loading.
-_EVALUATE = ("best_grid", "evaluate_guidance", "plot_sweep")
-_QUALITY = ("density_coverage", "evaluate_samples", "frechet_distance", "judge_features",
-            "precision_recall", "reference_images", "sample_quality")
-_FID = ("inception_fid",)
-_STAGES = ("evaluate_guidance_stages", "evaluate_stages")
+# The names the hooks register, as .training spells them (KIND, JUDGE_KIND, MODEL_NAME):
+# written here so that registering needs no torch (tests/test_cli_startup.py holds them equal).
+KIND = "classifier"
+JUDGE_KIND = "judge"
+MODEL_NAME = "encoder_unet"
+
+# Every module but this one loads on first use, as the ``eval`` commands do: torch loads on
+# first use (`guidekit --help` must not import it), and a broken evaluate module must not
+# stop the plugin from loading.
+_LAZY = {
+    "guidance": ("ClassifierGuidance", "build_classifier_guidance", "guidance_options"),
+    "training": ("LoadedClassifier", "accuracy_by_t", "default_config", "judge_accuracy",
+                 "load_classifier", "predict", "train_classifier", "train_judge"),
+    "evaluate": ("best_grid", "evaluate_guidance", "plot_sweep"),
+    "quality": ("density_coverage", "evaluate_samples", "frechet_distance", "judge_features",
+                "precision_recall", "reference_images", "sample_quality"),
+    "fid": ("inception_fid",),
+    "stages": ("evaluate_guidance_stages", "evaluate_stages"),
+}
 if TYPE_CHECKING:
+    from guidekit.training import TrainConfig
+    from guidekit.unet import ClassifierConfig
+
     from .evaluate import best_grid, evaluate_guidance, plot_sweep
     from .fid import inception_fid
+    from .guidance import ClassifierGuidance
     from .quality import (
         density_coverage,
         evaluate_samples,
@@ -111,25 +108,22 @@ if TYPE_CHECKING:
         sample_quality,
     )
     from .stages import evaluate_guidance_stages, evaluate_stages
+    from .training import (
+        LoadedClassifier,
+        accuracy_by_t,
+        default_config,
+        judge_accuracy,
+        load_classifier,
+        predict,
+        train_classifier,
+        train_judge,
+    )
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EVALUATE:
-        from guidekit_classifier import evaluate
-
-        return getattr(evaluate, name)
-    if name in _QUALITY:
-        from guidekit_classifier import quality
-
-        return getattr(quality, name)
-    if name in _FID:
-        from guidekit_classifier import fid
-
-        return getattr(fid, name)
-    if name in _STAGES:
-        from guidekit_classifier import stages
-
-        return getattr(stages, name)
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module 'guidekit_classifier' has no attribute '{name}'")
 
 
@@ -138,6 +132,8 @@ def __getattr__(name: str) -> Any:
 
 def _model_config(data: Any, o: dict[str, Any]) -> ClassifierConfig:
     """The encoder UNet of a trainer's width/depth/attention option values."""
+    from .training import default_config
+
     return default_config(
         data, model_channels=o["model_channels"],
         channel_mult=opt.parse_ints(o["channel_mult"], "--channel-mult"),
@@ -183,6 +179,10 @@ JUDGE_OPTIONS: tuple[Option, ...] = (
 def classifier_trainer(ctx: TrainerContext) -> StepReport:
     """Train the noisy classifier p(y | x_t, t) that guides `guidekit sample --guidance
     classifier`. Give --dpm so it learns the DPM's schedule."""
+    from guidekit.schedule import ScheduleConfig
+
+    from .training import train_classifier
+
     o = ctx.options
     if o["dpm"] is not None and (o["schedule"] is not None or o["timesteps"] is not None):
         raise GuidekitError("the schedule comes from --dpm: drop --schedule/--timesteps")
@@ -203,6 +203,8 @@ def classifier_trainer(ctx: TrainerContext) -> StepReport:
 def judge_trainer(ctx: TrainerContext) -> StepReport:
     """Train a clean classifier (t = 0) that judges generated samples; keep it separate from
     the guiding classifier."""
+    from .training import train_judge
+
     o = ctx.options
     images = load_dataset(o["data"], "train", o["image_size"], o["seed"])
     summary = train_judge(
@@ -232,8 +234,20 @@ QS_PER_CLASS = 8
 def quickstart_classifier(ctx: QuickstartContext) -> StepReport:
     """Train the noisy classifier (on the quickstart DDPM's schedule) and the judge, then
     sample a class grid with DDIM-50: one row per class."""
+    import torch
+
+    from guidekit.data import save_image_grid
     from guidekit.ddpm import load_dpm
     from guidekit.sampling import GuidanceRequest, sample
+    from guidekit.training import TrainConfig
+
+    from .training import (
+        default_config,
+        load_classifier,
+        predict,
+        train_classifier,
+        train_judge,
+    )
 
     t0 = time.perf_counter()
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
@@ -290,7 +304,8 @@ def _qs_guidance(ctx: QuickstartContext) -> StepReport:
 
 @hookimpl
 def guidekit_models() -> list[ModelSpec]:
-    return [ModelSpec(MODEL_NAME, ClassifierConfig, EncoderUNet,
+    return [ModelSpec(MODEL_NAME, Lazy("guidekit.unet:ClassifierConfig"),
+                      Lazy("guidekit.unet:EncoderUNet"),
                       help="UNet down half + middle + pooled head (noisy classifier).")]
 
 
@@ -306,7 +321,8 @@ def guidekit_trainers() -> list[TrainerSpec]:
 
 @hookimpl
 def guidekit_guidances() -> list[GuidanceSpec]:
-    return [GuidanceSpec(KIND, build_classifier_guidance, options=guidance_options(),
+    return [GuidanceSpec(KIND, Lazy("guidekit_classifier.guidance:build_classifier_guidance"),
+                         options=Lazy("guidekit_classifier.guidance:GUIDANCE_OPTIONS"),
                          help="∇ log p(y | x_t) of a noisy classifier toward --class.")]
 
 

@@ -29,7 +29,6 @@ from guidekit.cli.params import (
     report,
     requests_from_cli,
 )
-from guidekit.engine import check_sampler
 from guidekit.errors import GuidekitError
 from guidekit.options import check_seed
 
@@ -60,8 +59,10 @@ def guidance_command(
     json_out: JSONOut = False,
 ) -> None:
     """Sweep the classifier-guidance scale; a separate judge scores every class's samples."""
-    # imported here so a broken evaluate module costs only this command
+    # imported here so a broken evaluate module costs only this command (and torch loads on
+    # first use: `guidekit --help` must not import it)
     from guidekit.ddpm import load_dpm
+    from guidekit.engine import check_sampler
     from guidekit.sampling import GuidanceRequest, check_request
 
     from .evaluate import evaluate_guidance, same_path, save_sweep

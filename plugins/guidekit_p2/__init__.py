@@ -9,13 +9,17 @@ From Python: ``guidekit.train_ddpm(data, out, weighting="p2", weighting_options=
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from guidekit.errors import GuidekitError
 from guidekit.hookspecs import hookimpl
 from guidekit.options import Option
-from guidekit.schedule import NoiseSchedule
 from guidekit.specs import WeightingSpec
+
+if TYPE_CHECKING:  # torch loads on first use: `guidekit --help` must not import it
+    import torch
+
+    from guidekit.schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,8 @@ __all__ = ["p2_weights"]
 
 def p2_weights(schedule: NoiseSchedule, p2_gamma: float, p2_k: float) -> torch.Tensor:
     """λ'_t = 1 / (k + SNR(t))^γ over the schedule's steps."""
+    import torch
+
     if p2_k <= 0 and p2_gamma > 0:
         raise GuidekitError(f"--p2-k must be > 0, got {p2_k}")
     snr = schedule.float64["snr"]

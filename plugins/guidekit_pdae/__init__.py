@@ -25,37 +25,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from guidekit import (
     GuidanceSpec,
     ModelSpec,
-    NoiseSchedule,
     Option,
     QuickstartStep,
     TrainerSpec,
     WeightingSpec,
     hookimpl,
 )
-
-from .guidance import (
-    GUIDANCE_OPTIONS,
-    PDAEGuidance,
-    build_pdae_guidance,
-    load_latents,
-    save_latents,
-)
-from .latent import KIND as LATENT_KIND
-from .latent import (
-    LATENT_OPTIONS,
-    LoadedLatentDPM,
-    latent_model_spec,
-    latent_trainer,
-    load_latent_dpm,
-    sample_pdae,
-    train_pdae_latent,
-)
-from .training import KIND, PDAE_OPTIONS, LoadedPDAE, load_pdae, pdae_trainer, train_pdae
+from guidekit.specs import Lazy
 
 __version__ = "0.1.0"
 
@@ -89,8 +68,14 @@ __all__ = [
     "train_pdae_latent",
 ]
 
-# The command modules load on first use, as the ``guidekit pdae`` commands do: a broken one
-# must not stop the plugin from loading.
+# The names the hooks register, as .training and .latent spell them (KIND, MODEL_NAME):
+# written here so that registering needs no torch (tests/test_cli_startup.py holds them equal).
+KIND = "pdae"
+LATENT_KIND = "pdae-latent"
+LATENT_MODEL = "latent_mlp"
+
+# Every module but this one loads on first use: torch loads on first use (`guidekit --help`
+# must not import it), and a broken command module must not stop the plugin from loading.
 _LAZY = {
     "autoencoding": ("Direction", "edit_held_out", "encode_images", "fit_direction",
                      "interpolate", "interpolation_grid", "manipulate", "manipulation_grid",
@@ -98,9 +83,17 @@ _LAZY = {
     "analysis": ("linear_probe", "one_step_x0", "onestep_grid", "plot_gap",
                  "posterior_mean_gap"),
     "fewstep": ("fewstep_generation",),
+    "guidance": ("GUIDANCE_OPTIONS", "PDAEGuidance", "build_pdae_guidance", "load_latents",
+                 "save_latents"),
+    "latent": ("LATENT_OPTIONS", "LoadedLatentDPM", "latent_model_spec", "latent_trainer",
+               "load_latent_dpm", "sample_pdae", "train_pdae_latent"),
+    "training": ("PDAE_OPTIONS", "LoadedPDAE", "load_pdae", "pdae_trainer", "train_pdae"),
 }
 if TYPE_CHECKING:
+    import torch
     import typer
+
+    from guidekit import NoiseSchedule
 
     from .analysis import linear_probe, one_step_x0, onestep_grid, plot_gap, posterior_mean_gap
     from .autoencoding import (
@@ -116,6 +109,9 @@ if TYPE_CHECKING:
         reconstruction_grid,
     )
     from .fewstep import fewstep_generation
+    from .guidance import PDAEGuidance, load_latents, save_latents
+    from .latent import LoadedLatentDPM, load_latent_dpm, sample_pdae, train_pdae_latent
+    from .training import LoadedPDAE, load_pdae, train_pdae
 
 
 def __getattr__(name: str) -> Any:
@@ -127,6 +123,8 @@ def __getattr__(name: str) -> Any:
 
 def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float) -> torch.Tensor:
     """λ_t = (1/(1+SNR))^{1−γ} (SNR/(1+SNR))^γ = SNR^γ / (1+SNR)."""
+    import torch
+
     snr = schedule.float64["snr"]
     return (snr**pdae_gamma / (1 + snr)).to(torch.float32)
 
@@ -145,21 +143,27 @@ def guidekit_weightings() -> list[WeightingSpec]:
 @hookimpl
 def guidekit_trainers() -> list[TrainerSpec]:
     return [
-        TrainerSpec(KIND, pdae_trainer, options=PDAE_OPTIONS,
+        TrainerSpec(KIND, Lazy("guidekit_pdae.training:pdae_trainer"),
+                    options=Lazy("guidekit_pdae.training:PDAE_OPTIONS"),
                     help="Train PDAE (encoder + gradient estimator) on a frozen DPM."),
-        TrainerSpec(LATENT_KIND, latent_trainer, options=LATENT_OPTIONS,
+        TrainerSpec(LATENT_KIND, Lazy("guidekit_pdae.latent:latent_trainer"),
+                    options=Lazy("guidekit_pdae.latent:LATENT_OPTIONS"),
                     help="Train a DPM over a PDAE's latents, for `guidekit pdae sample`."),
     ]
 
 
 @hookimpl
 def guidekit_models() -> list[ModelSpec]:
-    return [latent_model_spec()]
+    # latent_model_spec() of .latent, its classes loaded on first use
+    return [ModelSpec(LATENT_MODEL, Lazy("guidekit_pdae.latent:LatentMLPConfig"),
+                      Lazy("guidekit_pdae.latent:LatentMLP"),
+                      help="Residual MLP ε-predictor over PDAE latents (pdae-latent).")]
 
 
 @hookimpl
 def guidekit_guidances() -> list[GuidanceSpec]:
-    return [GuidanceSpec(KIND, build_pdae_guidance, options=GUIDANCE_OPTIONS,
+    return [GuidanceSpec(KIND, Lazy("guidekit_pdae.guidance:build_pdae_guidance"),
+                         options=Lazy("guidekit_pdae.guidance:GUIDANCE_OPTIONS"),
                          help="PDAE's learned mean shift G_ψ(x_t, z, t) toward latents z.")]
 
 
@@ -174,6 +178,13 @@ def guidekit_commands(cli: typer.Typer) -> None:
 
 @hookimpl
 def guidekit_quickstart_steps() -> list[QuickstartStep]:
-    from .quickstart import quickstart_steps
-
-    return quickstart_steps()
+    # quickstart_steps() of .quickstart, its steps loaded when they run
+    return [
+        QuickstartStep("pdae", Lazy("guidekit_pdae.quickstart:quickstart_pdae"), order=40,
+                       help="Train PDAE on the DDPM; gap and one-step x̂_0."),
+        QuickstartStep("pdae-autoencoding",
+                       Lazy("guidekit_pdae.quickstart:quickstart_autoencoding"), order=50,
+                       help="Reconstruct, interpolate, edit; linear probe on z."),
+        QuickstartStep("pdae-sample", Lazy("guidekit_pdae.quickstart:quickstart_sample"),
+                       order=60, help="Latent DPM over z; sample new digits."),
+    ]

@@ -9,51 +9,12 @@ from pathlib import Path
 
 import typer
 
-from guidekit import GuidekitError, StepReport, save_image_grid
+from guidekit import GuidekitError, StepReport
 from guidekit.cli.params import Device, JSONOut, parse_scales, report
-from guidekit.data import check_output_dir
 from guidekit.options import check_seed
 
-from .analysis import (
-    first_images,
-    gap_table,
-    held_out,
-    linear_probe,
-    one_step_x0,
-    onestep_grid,
-    onestep_table,
-    parse_timesteps,
-    plot_gap,
-    posterior_mean_gap,
-    probe_table,
-    probe_targets,
-)
-from .autoencoding import (
-    INTERP_MODES,
-    XT_CHOICES,
-    edit_held_out,
-    encode_images,
-    interpolate,
-    interpolation_grid,
-    load_images,
-    manipulation_grid,
-    manipulation_table,
-    pick_image,
-    reconstruct,
-    reconstruction_grid,
-    reconstruction_table,
-)
-from .fewstep import (
-    fewstep_generation,
-    fewstep_grid,
-    fewstep_table,
-    parse_steps,
-    plot_fewstep,
-)
-from .guidance import save_latents
-from .latent import load_latent_dpm, sample_pdae
-from .metrics import load_lpips
-from .training import load_pdae
+# Each command imports the modules it runs (torch among them) when it runs: `guidekit --help`
+# must not import torch, and a broken module costs only its commands.
 
 pdae_app = typer.Typer(help="PDAE experiments on a trained PDAE checkpoint.",
                        no_args_is_help=True)
@@ -83,6 +44,9 @@ def encode_command(
     json_out: JSONOut = False,
 ) -> None:
     """Encode every image of a split: z = E_φ(x_0), for `--guidance pdae --latents`."""
+    from .autoencoding import encode_images, load_images
+    from .training import load_pdae
+
     model = load_pdae(pdae, pretrained, device)
     summary = encode_images(model, load_images(model, data, split, image_size), out)
     report(StepReport(f"wrote {summary['n']} latents ({summary['latent_dim']}-d) of "
@@ -110,6 +74,16 @@ def reconstruct_command(
 ) -> None:
     """Autoencode held-out images; SSIM, MSE (images in [0, 1]) and LPIPS per method, and a
     grid: originals, then one row per method."""
+    from .autoencoding import (
+        XT_CHOICES,
+        load_images,
+        reconstruct,
+        reconstruction_grid,
+        reconstruction_table,
+    )
+    from .metrics import load_lpips
+    from .training import load_pdae
+
     check_seed(seed)
     if n < 1:
         raise GuidekitError(f"--n must be >= 1, got {n}")
@@ -149,6 +123,9 @@ def interpolate_command(
 ) -> None:
     """Interpolate between two images: slerp of inferred x_T, lerp of z or of the shift.
     Grid: one row per mode, image a, the frames, image b."""
+    from .autoencoding import INTERP_MODES, interpolate, interpolation_grid, load_images, pick_image
+    from .training import load_pdae
+
     if mode not in INTERP_MODES:
         raise GuidekitError(f"unknown --mode '{mode}': choose z, shift or both")
     modes = ("z", "shift") if mode == "both" else (mode,)
@@ -187,6 +164,9 @@ def manipulate_command(
     per image, the original, then one column per scale."""
     from guidekit_classifier.training import JUDGE_KIND, load_classifier
 
+    from .autoencoding import edit_held_out, load_images, manipulation_grid, manipulation_table
+    from .training import load_pdae
+
     check_seed(seed)
     scale_list = parse_scales(scales)
     if n < 1:
@@ -209,6 +189,8 @@ def manipulate_command(
 
 def _first_held_out(model, data: str, n: int, image_size: int | None, seed: int):
     """The first ``n`` test images and, for a class-conditional DPM, their labels."""
+    from .analysis import first_images, held_out
+
     images = held_out(model, data, image_size=image_size, seed=seed)
     x0 = first_images(images, n)
     return x0, model.labels(images, len(x0))
@@ -238,7 +220,16 @@ def gap_command(
     (--dpm) on the same held-out images, noise and t."""
     from guidekit import load_dpm
 
-    from .analysis import dpm_num_classes
+    from .analysis import (
+        dpm_num_classes,
+        first_images,
+        gap_table,
+        held_out,
+        parse_timesteps,
+        plot_gap,
+        posterior_mean_gap,
+    )
+    from .training import load_pdae
 
     check_seed(seed)
     names = _dpm_names(dpm, dpm_name)
@@ -296,6 +287,9 @@ def onestep_command(
     json_out: JSONOut = False,
 ) -> None:
     """x̂_0 from x_t in one step, pre-trained vs PDAE."""
+    from .analysis import one_step_x0, onestep_grid, onestep_table, parse_timesteps
+    from .training import load_pdae
+
     check_seed(seed)
     model = load_pdae(pdae, pretrained, device)
     ts = parse_timesteps(timesteps, model.dpm.schedule.num_steps, minimum=0)
@@ -321,6 +315,9 @@ def probe_command(
     json_out: JSONOut = False,
 ) -> None:
     """Linear-probe accuracy (or R²) of z against raw pixels and a random encoder."""
+    from .analysis import held_out, linear_probe, probe_table, probe_targets
+    from .training import load_pdae
+
     check_seed(seed)
     model = load_pdae(pdae, pretrained, device)
     train = held_out(model, data, "train", image_size, seed)
@@ -347,6 +344,12 @@ def sample_command(
     json_out: JSONOut = False,
 ) -> None:
     """Generate new images: z from the latent DPM, decoded by DDIM with PDAE guidance."""
+    from guidekit import save_image_grid
+
+    from .guidance import save_latents
+    from .latent import load_latent_dpm, sample_pdae
+    from .training import load_pdae
+
     check_seed(seed)
     loaded = load_pdae(pdae, device=device)
     latent = load_latent_dpm(latent_dpm, loaded, loaded.device)
@@ -394,6 +397,13 @@ def fewstep_command(
 ) -> None:
     """Few-step generation: FD (judge features) of plain DDIM vs PDAE at each step count,
     from the same x_T, against held-out images (up to --n of the test split)."""
+    from guidekit.data import check_output_dir
+
+    from .analysis import held_out
+    from .fewstep import fewstep_generation, fewstep_grid, fewstep_table, parse_steps, plot_fewstep
+    from .latent import load_latent_dpm
+    from .training import load_pdae
+
     try:  # the judge and its feature-space metrics live in the classifier plugin
         import guidekit_classifier.quality  # noqa: F401 -- fewstep_generation's metrics
         from guidekit_classifier.training import JUDGE_KIND, load_classifier

@@ -8,6 +8,7 @@ pre-trained model. Only E_φ and G_ψ train; ε_θ runs without autograd and is 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from guidekit.ddpm import data_meta, per_sample_mse
 from guidekit.distributed import resolve_device
 from guidekit.lookup import weighting_table
 from guidekit.training import check_trainable, fit
-from guidekit.unet import UNet
+from guidekit.unet import DownFeatures, UNet
 
 from .networks import (
     Encoder,
@@ -91,9 +92,21 @@ class PDAETask:
         self.schedule = schedule
         self.weights = weights
         self.meta = meta
+        self._frozen: Callable[..., tuple[DownFeatures, Tensor]] = self._frozen_forward
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "estimator": self.estimator}
+
+    def compile_frozen(self) -> None:
+        """Compile the frozen ε_θ's forward too (``--compile``): it is most of the step's
+        forward work, and :func:`~guidekit.training.fit` compiles only what trains."""
+        self._frozen = torch.compile(self._frozen_forward)
+
+    def _frozen_forward(self, x_t: Tensor, t: Tensor, y: Tensor | None, channels: int
+                        ) -> tuple[DownFeatures, Tensor]:
+        with torch.no_grad():  # the frozen down path runs once and feeds both heads
+            feats = self.unet.down(x_t, t, y)
+            return feats, self.unet.middle_up(feats)[:, :channels]  # ε only, if Σ is learned
 
     def loss(self, nets, x0: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
         if next(self.unet.parameters()).device != x0.device:
@@ -109,9 +122,7 @@ class PDAETask:
                 raise GuidekitError("the DPM is class-conditional: PDAE trains it on "
                                     "labelled data (each image's class conditions ε_θ)")
             y = labels
-        with torch.no_grad():  # the frozen down path runs once and feeds both heads
-            feats = self.unet.down(x_t, t, y)
-            eps = self.unet.middle_up(feats)[:, : x0.shape[1]]  # ε only, if Σ is learned
+        feats, eps = self._frozen(x_t, t, y, x0.shape[1])
         g = nets["estimator"](feats, nets["encoder"](x0))
         eps_hat = ops.guided_eps(tab, x_t, t, eps.float(), g.float())
         return (self.weights.to(x0.device)[t] * per_sample_mse(eps_hat, noise)).mean()

@@ -7,37 +7,57 @@ MASK``) and the ``guidekit inpaint`` commands (``prepare``, ``evaluate``) throug
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from guidekit import GuidanceSpec, hookimpl
-
-from .guidance import (
-    DEFAULT_NORM,
-    DEFAULT_SIGMAS,
-    GUIDANCE_OPTIONS,
-    NAME,
-    InpaintGuidance,
-    build_inpaint_guidance,
-)
-from .inputs import MASKS, load_image, load_mask, named_mask
+from guidekit.specs import Lazy
 
 __version__ = "0.1.0"
+
+NAME = "inpaint"  # the guidance's name, as .guidance spells it (NAME)
+
+# The modules load on first use: they import torch, and `guidekit --help` must not.
+_LAZY = {
+    "guidance": ("DEFAULT_NORM", "DEFAULT_SIGMAS", "GUIDANCE_OPTIONS", "InpaintGuidance",
+                 "build_inpaint_guidance"),
+    "inputs": ("MASKS", "load_image", "load_mask", "named_mask"),
+}
+if TYPE_CHECKING:
+    from .guidance import (
+        DEFAULT_NORM,
+        DEFAULT_SIGMAS,
+        GUIDANCE_OPTIONS,
+        InpaintGuidance,
+        build_inpaint_guidance,
+    )
+    from .inputs import MASKS, load_image, load_mask, named_mask
+
+
+def __getattr__(name: str) -> Any:
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
 
 
 @hookimpl
 def guidekit_guidances() -> list[GuidanceSpec]:
-    return [GuidanceSpec(NAME, build_inpaint_guidance, options=GUIDANCE_OPTIONS,
+    return [GuidanceSpec(NAME, Lazy("guidekit_inpaint.guidance:build_inpaint_guidance"),
+                         options=Lazy("guidekit_inpaint.guidance:GUIDANCE_OPTIONS"),
                          help="−∇ ‖m ⊙ (x̂_0 − y)‖² / (2σ²) (DPS-normalised by default): keep "
                          "--image where --mask is white.")]
 
 
 @hookimpl
 def guidekit_commands(cli: Any) -> None:
-    # cli is guidekit's typer.Typer. Imported here: typer stays in .cli, and the evaluation's
-    # imports (the classifier plugin) load only for the CLI.
-    from .cli import inpaint_app
+    # cli is guidekit's typer.Typer. A lazy group: `guidekit --help` lists `inpaint` without
+    # importing .cli, whose option help needs .inputs and .guidance (torch); typer stays in
+    # the CLI, and the evaluation's imports (the classifier plugin) load only when it runs.
+    from guidekit.cli.params import lazy_group
 
-    cli.add_typer(inpaint_app, name="inpaint")
+    cli.add_typer(lazy_group("guidekit_inpaint.cli:inpaint_app", help="Inpainting with "
+                             "reconstruction guidance: inputs and figures."), name="inpaint")
 
 
 __all__ = [
