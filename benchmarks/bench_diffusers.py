@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_step import machine_info  # this folder is on sys.path when run as a script
+from bench_step import cuda_missing, machine_info  # this folder is on sys.path when run as a script
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -472,8 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available in this torch build", file=sys.stderr)
+    if cuda_missing(args.device):
         return 2
     try:
         import diffusers

@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from bench_adm import fill_zero_layers  # this folder is on sys.path when run as a script
 from bench_diffusers import count_syncs, dynamo_graphs, load_warnings, one_line
-from bench_step import machine_info
+from bench_step import cuda_missing, machine_info
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -714,8 +714,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available in this torch build", file=sys.stderr)
+    if cuda_missing(args.device):
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)

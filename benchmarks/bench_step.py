@@ -319,6 +319,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cuda_missing(device: str) -> bool:
+    """``--device cuda`` without CUDA: says so in one line on stderr (the caller exits 2)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: CUDA is not available in this torch build", file=sys.stderr)
+        return True
+    return False
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info = {
         "torch": torch.__version__,
@@ -526,8 +534,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: CUDA is not available in this torch build", file=sys.stderr)
+    if cuda_missing(args.device):
         return 2
     device = torch.device(args.device)
     if args.threads is not None:

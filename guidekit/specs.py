@@ -34,6 +34,7 @@ __all__ = [
     "GuidanceContext",
     "GuidanceSpec",
     "Lazy",
+    "lazy_exports",
     "ModelSpec",
     "QuickstartContext",
     "QuickstartStep",
@@ -232,6 +233,22 @@ class QuickstartStep:
 
     def __getattribute__(self, attr: str) -> Any:
         return _read(self, attr)
+
+
+def lazy_exports(package: str, names: dict[str, Sequence[str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for a plugin package: ``names`` maps each submodule
+    to the public names it defines, imported on first use, so importing the package (which
+    ``guidekit --help`` does for every plugin) stays free of torch::
+
+        __getattr__ = lazy_exports(__name__, {"guidance": ("MyGuidance",)})
+    """
+    def __getattr__(name: str) -> Any:
+        for module, defined in names.items():
+            if name in defined:
+                return getattr(importlib.import_module(f"{package}.{module}"), name)
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+
+    return __getattr__
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ options={"classifier": "runs/clf"}), classes=[3])``, or :class:`ClassifierGuidan
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from guidekit.specs import (
     StepReport,
     TrainerContext,
     TrainerSpec,
+    lazy_exports,
 )
 
 __version__ = "0.1.0"
@@ -120,11 +120,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    for module, names in _LAZY.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module 'guidekit_classifier' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 # --------------------------------------------------------------------------- trainers

@@ -22,8 +22,7 @@ fewstep) do the rest; :class:`PDAEGuidance` is the ``pdae`` guidance for a
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from guidekit import (
     GuidanceSpec,
@@ -34,7 +33,7 @@ from guidekit import (
     WeightingSpec,
     hookimpl,
 )
-from guidekit.specs import Lazy
+from guidekit.specs import Lazy, lazy_exports
 
 __version__ = "0.1.0"
 
@@ -114,11 +113,7 @@ if TYPE_CHECKING:
     from .training import LoadedPDAE, load_pdae, train_pdae
 
 
-def __getattr__(name: str) -> Any:
-    for module, names in _LAZY.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def pdae_weights(schedule: NoiseSchedule, pdae_gamma: float) -> torch.Tensor:

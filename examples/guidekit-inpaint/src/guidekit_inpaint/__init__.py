@@ -7,11 +7,10 @@ MASK``) and the ``guidekit inpaint`` commands (``prepare``, ``evaluate``) throug
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from guidekit import GuidanceSpec, hookimpl
-from guidekit.specs import Lazy
+from guidekit.specs import Lazy, lazy_exports
 
 __version__ = "0.1.0"
 
@@ -34,11 +33,7 @@ if TYPE_CHECKING:
     from .inputs import MASKS, load_image, load_mask, named_mask
 
 
-def __getattr__(name: str) -> Any:
-    for module, names in _LAZY.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 @hookimpl
